@@ -1,0 +1,31 @@
+"""mocoretrieval: image search with self-supervised MoCo encoders."""
+
+from __future__ import annotations
+
+from .encoder import MoCoEncoder
+from .errors import (
+    CheckpointError,
+    ImageError,
+    IndexFormatError,
+    ModelMismatchError,
+    MoCoRetrievalError,
+    SourceError,
+    UnsafeCheckpointError,
+)
+from .sources import DEFAULT_MODEL, OFFICIAL, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "OFFICIAL",
+    "CheckpointError",
+    "ImageError",
+    "IndexFormatError",
+    "ModelMismatchError",
+    "MoCoEncoder",
+    "MoCoRetrievalError",
+    "SourceError",
+    "UnsafeCheckpointError",
+    "convert",
+]

@@ -1,0 +1,130 @@
+"""Backbone architectures: torchvision ResNets and timm ViTs in MoCo v3's configuration.
+
+Modules only; nothing here touches the filesystem or the Hub.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+# MoCo v3 (vits.py): ViT-S uses 12 heads, not the 6 of timm's default vit_small.
+VITS = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=12),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+ARCHS = tuple(RESNETS) + tuple(VITS)
+
+
+def feature_dim(arch: str) -> int:
+    """Dimension of the pooled backbone features of ``arch``."""
+    if arch in RESNETS:
+        return RESNETS[arch]
+    if arch in VITS:
+        return VITS[arch]["embed_dim"]
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def sincos_pos_embed_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of MoCo v3 (Sec. 4.3), a zero row for the cls token.
+
+    Returns:
+        Tensor of shape (1, 1 + grid * grid, dim).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="ij")
+    pos_dim = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
+    out_w = grid_w.flatten()[:, None] * omega[None]  # (G*G, D/4)
+    out_h = grid_h.flatten()[:, None] * omega[None]  # (G*G, D/4)
+    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), emb], dim=0)[None]  # (1, 1+G*G, D)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet without its classifier: (N, 3, H, W) -> (N, C) pooled features.
+
+    ``small_stem`` swaps the 7x7/2 conv and max-pool for a 3x3/1 conv and no pooling, the usual
+    stem for inputs of 64 px or less (as in the MoCo CIFAR demo).
+    """
+
+    def __init__(self, arch: str = "resnet50", small_stem: bool = False) -> None:
+        super().__init__()
+        import torchvision
+
+        if arch not in RESNETS:
+            raise ValueError(f"unknown ResNet {arch!r}; choose one of {', '.join(RESNETS)}")
+        net = getattr(torchvision.models, arch)(weights=None)
+        if small_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        self.net = net
+        self.num_features = RESNETS[arch]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (N, C)
+
+
+class ViTBackbone(nn.Module):
+    """A timm VisionTransformer as configured by MoCo v3: (N, 3, H, W) -> (N, D) cls token."""
+
+    def __init__(self, arch: str = "vit_small", img_size: int = 224, patch_size: int = 16) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        if arch not in VITS:
+            raise ValueError(f"unknown ViT {arch!r}; choose one of {', '.join(VITS)}")
+        cfg = VITS[arch]
+        net = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=0,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            **cfg,
+        )
+        grid = img_size // patch_size
+        with torch.no_grad():
+            net.pos_embed.copy_(sincos_pos_embed_2d(grid, cfg["embed_dim"]))
+        net.pos_embed.requires_grad = False  # fixed, not learned (MoCo v3, Sec. 4.3)
+        self._init_like_moco_v3(net, cfg["embed_dim"], patch_size)
+        self.net = net
+        self.num_features = cfg["embed_dim"]
+
+    @staticmethod
+    def _init_like_moco_v3(net: nn.Module, dim: int, patch_size: int) -> None:
+        # Xavier-uniform everywhere, qkv split in three for the fan (moco-v3 vits.py), and the
+        # patch projection initialised like a linear layer over its 3*P*P inputs.
+        for name, m in net.named_modules():
+            if isinstance(m, nn.Linear):
+                if "qkv" in name:
+                    val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -val, val)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(net.cls_token, std=1e-6)
+        val = math.sqrt(6.0 / float(3 * patch_size * patch_size + dim))
+        nn.init.uniform_(net.patch_embed.proj.weight, -val, val)
+        nn.init.zeros_(net.patch_embed.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (N, D): cls token after the final norm
+
+
+def build_backbone(arch: str, img_size: int = 224, small_stem: bool = False) -> nn.Module:
+    """Builds the backbone named ``arch`` (one of :data:`ARCHS`) with random weights."""
+    if arch in RESNETS:
+        return ResNetBackbone(arch, small_stem=small_stem)
+    if arch in VITS:
+        return ViTBackbone(arch, img_size=img_size)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

@@ -1,0 +1,264 @@
+"""`MoCoEncoder`: a backbone plus an optional projection head, saved and loaded like a Hub model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from PIL import Image
+from torch import nn
+
+from .backbones import RESNETS, VITS, build_backbone, feature_dim
+from .heads import build_mlp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAPERS = {
+    "v1": "He et al., Momentum Contrast for Unsupervised Visual Representation Learning, CVPR 2020",
+    "v2": "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297",
+    "v3": "Chen, Xie, He, An Empirical Study of Training Self-Supervised Vision Transformers, "
+    "ICCV 2021",
+}
+MODEL_CARD = """---
+library_name: mocoretrieval
+tags:
+- moco
+- self-supervised
+- image-feature-extraction
+---
+# {title}
+
+A MoCo {version} `{arch}` image encoder for [mocoretrieval](https://github.com/mocoretrieval).
+
+- Paper: {paper}
+- Source: {source}
+- Embedding: `{embedding}` ({dim}-d, L2-normalised)
+- Preprocessing: resize short side to {resize_size}, centre crop {input_size}, mean {mean}, std {std}
+
+```python
+from mocoretrieval import MoCoEncoder
+encoder = MoCoEncoder.from_pretrained("PATH_OR_REPO_ID")
+vectors = encoder.embed([image])  # (N, {dim}) float32, L2-normalised
+```
+{extra}"""
+
+
+class MoCoEncoder(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mocoretrieval",
+    tags=["moco", "self-supervised", "image-feature-extraction"],
+):
+    """A MoCo image encoder: backbone, optional projection head, and its preprocessing config.
+
+    Every constructor argument is JSON-able so that ``save_pretrained`` writes it to config.json.
+
+    Args:
+        arch: ``resnet18``, ``resnet34``, ``resnet50``, ``vit_small`` or ``vit_base``.
+        moco_version: ``v1``, ``v2`` or ``v3``: which recipe trained the weights.
+        embedding: ``backbone`` (pooled features, the usual choice for retrieval) or
+            ``projection`` (the contrastive head's output).
+        head: the projection head as :func:`~mocoretrieval.heads.build_mlp` keyword arguments
+            (``num_layers``, ``hidden_dim``, ``out_dim``, ``batch_norm``, ``last_bn``, ``bias``),
+            or None for none.
+        input_size: side of the square crop the model sees.
+        resize_size: the short side is resized to this before the centre crop.
+        mean, std: normalisation of the RGB input in [0, 1].
+        small_stem: ResNet stem for inputs of 64 px or less (3x3 conv, no max-pool).
+        source: where the weights came from (Hub id, URL, path, or a training run).
+        paper: the paper of the recipe; defaults to the one of ``moco_version``.
+        extra: free JSON-able metadata (training config, measured accuracy, ...).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        moco_version: str = "v3",
+        embedding: str = "backbone",
+        head: dict[str, Any] | None = None,
+        input_size: int = 224,
+        resize_size: int = 256,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        small_stem: bool = False,
+        source: str | None = None,
+        paper: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if moco_version not in PAPERS:
+            raise ValueError(f"moco_version must be one of v1, v2, v3, got {moco_version!r}")
+        if embedding not in ("backbone", "projection"):
+            raise ValueError(f"embedding must be 'backbone' or 'projection', got {embedding!r}")
+        if embedding == "projection" and head is None:
+            raise ValueError("embedding='projection' needs a projection head; pass head=...")
+        if resize_size < input_size:
+            raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size})")
+        self.arch = arch
+        self.moco_version = moco_version
+        self.embedding = embedding
+        self.head_config = dict(head) if head is not None else None
+        self.input_size = input_size
+        self.resize_size = resize_size
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.small_stem = small_stem
+        self.source = source
+        self.paper = paper or PAPERS[moco_version]
+        self.extra = dict(extra or {})
+
+        self.backbone = build_backbone(arch, img_size=input_size, small_stem=small_stem)
+        self.head = None
+        if head is not None:
+            self.head = build_mlp(in_dim=feature_dim(arch), **head)
+        self.eval()
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.arch in RESNETS
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch in VITS
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the embeddings :meth:`embed` returns."""
+        if self.embedding == "projection":
+            return int(self.head_config["out_dim"])
+        return feature_dim(self.arch)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The JSON-able constructor arguments, as written to config.json."""
+        return {
+            "arch": self.arch,
+            "moco_version": self.moco_version,
+            "embedding": self.embedding,
+            "head": self.head_config,
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "small_stem": self.small_stem,
+            "source": self.source,
+            "paper": self.paper,
+            "extra": self.extra,
+        }
+
+    @property
+    def preprocess(self):
+        """The evaluation transform: resize short side, centre crop, to tensor, normalise."""
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(self.resize_size, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(self.input_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised images -> (N, D) embeddings, not yet L2-normalised."""
+        feats = self.backbone(x)  # (N, C)
+        if self.embedding == "projection":
+            return self.head(feats)  # (N, D)
+        return feats
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence[Image.Image] | torch.Tensor) -> np.ndarray:
+        """Embeds PIL images (any mode) or a preprocessed (N, 3, H, W) batch.
+
+        Returns:
+            float32 array of shape (N, D), each row L2-normalised.
+        """
+        if isinstance(images, torch.Tensor):
+            batch = images
+        else:
+            if isinstance(images, Image.Image):
+                images = [images]
+            tf = self.preprocess
+            batch = torch.stack([tf(im.convert("RGB")) for im in images])
+        param = next(self.parameters())
+        batch = batch.to(device=param.device, dtype=param.dtype)
+        if self.training:
+            self.eval()
+        out = nn.functional.normalize(self(batch).float(), dim=1)
+        return out.cpu().numpy().astype(np.float32, copy=False)
+
+    def weights_hash(self) -> str:
+        """SHA-256 of every tensor (names, shapes, values): pins an index to these weights."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    # --- saving and loading -------------------------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_directory = Path(save_directory)
+        save_model(self, str(save_directory / "model.safetensors"))
+        (save_directory / "README.md").write_text(self.model_card())
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any):  # type: ignore[override]
+        """Writes config.json, model.safetensors and a README.md model card to a directory."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        kwargs["config"] = self.config  # _save_pretrained also rewrites README.md every time
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def model_card(self) -> str:
+        extra = ""
+        if self.extra:
+            extra = "\n## Training\n\n```json\n" + json.dumps(self.extra, indent=2) + "\n```\n"
+        return MODEL_CARD.format(
+            title=f"MoCo {self.moco_version} {self.arch}",
+            version=self.moco_version,
+            arch=self.arch,
+            paper=self.paper,
+            source=self.source or "unknown",
+            embedding=self.embedding,
+            dim=self.dim,
+            resize_size=self.resize_size,
+            input_size=self.input_size,
+            mean=list(self.mean),
+            std=list(self.std),
+            extra=extra,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MoCoEncoder":
+        known = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(
+                f"config.json has unknown fields {sorted(unknown)}; it was written by a newer "
+                "mocoretrieval: upgrade with `pip install -U mocoretrieval`"
+            )
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **kwargs: Any) -> "MoCoEncoder":  # type: ignore[override]
+        """Loads an encoder from any accepted source; see :func:`mocoretrieval.sources.load`.
+
+        Accepted: a directory written by :meth:`save_pretrained`, a Hugging Face Hub repo id in
+        that layout, an official facebookresearch MoCo checkpoint file (``.pth.tar``), or the
+        alias of an officially released checkpoint (see ``mocoretrieval.sources.OFFICIAL``).
+        Loading is strict: a missing or unexpected tensor raises.
+        """
+        from .sources import load
+
+        return load(source, **kwargs)
