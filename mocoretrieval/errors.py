@@ -28,4 +28,17 @@ class IndexFormatError(MoCoRetrievalError):
 
 
 class ImageError(MoCoRetrievalError):
-    """An image could not be read or decoded."""
+    """An image could not be read or decoded.
+
+    Attributes:
+        reason: a short human reason ("truncated", "not an image", ...), fit for a skip list.
+        path: the file, when known.
+    """
+
+    def __init__(self, reason: str, path: str | None = None) -> None:
+        super().__init__(f"cannot read image {path}: {reason}" if path else reason)
+        self.reason = reason
+        self.path = path
+
+    def __reduce__(self):  # keeps reason and path across processes (DataLoader workers)
+        return type(self), (self.reason, self.path)
