@@ -27,6 +27,10 @@ class IndexFormatError(MoCoRetrievalError):
     """An index directory is missing, corrupted or of an unsupported format."""
 
 
+class BackendError(MoCoRetrievalError):
+    """An inference backend (torch, onnxruntime) or an exported model cannot be used as asked."""
+
+
 class ImageError(MoCoRetrievalError):
     """An image could not be read or decoded.
 
