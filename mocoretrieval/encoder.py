@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ A MoCo {version} `{arch}` image encoder for [mocoretrieval](https://github.com/m
 - Paper: {paper}
 - Source: {source}
 - Embedding: `{embedding}` ({dim}-d, L2-normalised)
-- Preprocessing: resize short side to {resize_size}, centre crop {input_size}, mean {mean}, std {std}
+- Preprocessing: resize short side to {resize_size}, centre crop {input_size},
+  mean {mean}, std {std}
 
 ```python
 from mocoretrieval import MoCoEncoder
@@ -240,7 +242,7 @@ class MoCoEncoder(
         )
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "MoCoEncoder":
+    def from_config(cls, config: dict[str, Any]) -> MoCoEncoder:
         known = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
         unknown = set(config) - known
         if unknown:
@@ -251,7 +253,7 @@ class MoCoEncoder(
         return cls(**config)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, **kwargs: Any) -> "MoCoEncoder":  # type: ignore[override]
+    def from_pretrained(cls, source: str | Path, **kwargs: Any) -> MoCoEncoder:  # type: ignore[override]
         """Loads an encoder from any accepted source; see :func:`mocoretrieval.sources.load`.
 
         Accepted: a directory written by :meth:`save_pretrained`, a Hugging Face Hub repo id in

@@ -18,11 +18,12 @@ from .encoder import MoCoEncoder
 from .errors import CheckpointError, SourceError, UnsafeCheckpointError
 
 _FB = "https://dl.fbaipublicfiles.com"
+_V1V2 = f"{_FB}/moco/moco_checkpoints"
 # The checkpoints facebookresearch released, by the alias users type.
 OFFICIAL: dict[str, str] = {
-    "moco-v1-r50-200ep": f"{_FB}/moco/moco_checkpoints/moco_v1_200ep/moco_v1_200ep_pretrain.pth.tar",
-    "moco-v2-r50-200ep": f"{_FB}/moco/moco_checkpoints/moco_v2_200ep/moco_v2_200ep_pretrain.pth.tar",
-    "moco-v2-r50-800ep": f"{_FB}/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+    "moco-v1-r50-200ep": f"{_V1V2}/moco_v1_200ep/moco_v1_200ep_pretrain.pth.tar",
+    "moco-v2-r50-200ep": f"{_V1V2}/moco_v2_200ep/moco_v2_200ep_pretrain.pth.tar",
+    "moco-v2-r50-800ep": f"{_V1V2}/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
     "moco-v3-r50-100ep": f"{_FB}/moco-v3/r-50-100ep/r-50-100ep.pth.tar",
     "moco-v3-r50-300ep": f"{_FB}/moco-v3/r-50-300ep/r-50-300ep.pth.tar",
     "moco-v3-r50-1000ep": f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar",
@@ -42,7 +43,9 @@ ACCEPTED = (
 )
 
 
-def load(source: str | Path, *, device: str | torch.device = "cpu", **overrides: Any) -> MoCoEncoder:
+def load(
+    source: str | Path, *, device: str | torch.device = "cpu", **overrides: Any
+) -> MoCoEncoder:
     """Detects what ``source`` is and loads it strictly; see :data:`ACCEPTED`.
 
     Args:
@@ -64,7 +67,9 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", **overrides:
     elif _HUB_ID.match(text) and not text.endswith(CHECKPOINT_SUFFIXES):
         encoder = _load_hub(text, overrides, hub_kwargs)
     else:
-        raise SourceError(f"cannot load a model from {text!r}: no such file or directory.\n{ACCEPTED}")
+        raise SourceError(
+            f"cannot load a model from {text!r}: no such file or directory.\n{ACCEPTED}"
+        )
     return encoder.to(device).eval()
 
 
@@ -141,7 +146,8 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected)):
             if keys:
-                parts.append(f"{len(keys)} {label} tensors ({', '.join(keys[:5])}{', ...' * (len(keys) > 5)})")
+                more = ", ..." if len(keys) > 5 else ""
+                parts.append(f"{len(keys)} {label} tensors ({', '.join(keys[:5])}{more})")
         if wrong:
             k = wrong[0]
             parts.append(
@@ -231,7 +237,9 @@ def _detect_arch(body: dict[str, torch.Tensor], origin: str) -> str:
         for arch, d in (("vit_small", 384), ("vit_base", 768)):
             if dim == d:
                 return arch
-        raise CheckpointError(f"{origin}: ViT of width {dim} is not supported (ViT-S 384, ViT-B 768)")
+        raise CheckpointError(
+            f"{origin}: ViT of width {dim} is not supported (ViT-S 384, ViT-B 768)"
+        )
     if "conv1.weight" not in body:
         raise CheckpointError(f"{origin}: cannot tell the architecture (no conv1 or cls_token)")
     if "layer1.0.conv3.weight" in body:
@@ -268,13 +276,14 @@ def _download_official(alias: str) -> Path:
     if target.is_file():
         return target
     how = (
-        f"Download {url} by hand and pass its path instead of {alias!r} "
-        f"(or place it at {target})."
+        f"Download {url} by hand and pass its path instead of {alias!r} (or place it at {target})."
     )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
         "MOCORETRIEVAL_OFFLINE"
     ):
-        raise SourceError(f"{alias!r} is not in the local cache and downloads are off (offline). {how}")
+        raise SourceError(
+            f"{alias!r} is not in the local cache and downloads are off (offline). {how}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(target), progress=False)

@@ -40,7 +40,9 @@ def tiny_encoder_dir(tmp_path, tiny_encoder):
     return out
 
 
-def make_images(folder: Path, n: int, size: tuple[int, int] = (64, 48), seed: int = 0) -> list[Path]:
+def make_images(
+    folder: Path, n: int, size: tuple[int, int] = (64, 48), seed: int = 0
+) -> list[Path]:
     """Writes ``n`` distinct random-texture JPEG/PNG images; returns their paths."""
     from PIL import Image
 
@@ -50,7 +52,9 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (64, 48), seed: in
     for i in range(n):
         base = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
         arr = np.kron(base, np.ones((size[1] // 4, size[0] // 4, 1), dtype=np.uint8))
-        arr = (arr.astype(np.int16) + rng.integers(-20, 20, arr.shape)).clip(0, 255).astype(np.uint8)
+        arr = (
+            (arr.astype(np.int16) + rng.integers(-20, 20, arr.shape)).clip(0, 255).astype(np.uint8)
+        )
         ext = "jpg" if i % 2 == 0 else "png"
         path = folder / f"img_{i:04d}.{ext}"
         Image.fromarray(arr).save(path)

@@ -13,8 +13,14 @@ from conftest import make_tiny_encoder
 from mocoretrieval import MoCoEncoder
 from mocoretrieval.backbones import sincos_pos_embed_2d
 
-HEAD = {"num_layers": 2, "hidden_dim": 32, "out_dim": 16, "batch_norm": True, "last_bn": True,
-        "bias": False}
+HEAD = {
+    "num_layers": 2,
+    "hidden_dim": 32,
+    "out_dim": 16,
+    "batch_norm": True,
+    "last_bn": True,
+    "bias": False,
+}
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_small"])
@@ -45,8 +51,9 @@ def test_embed_tensor_batch_equals_pil_path(tiny_encoder):
 
 
 def test_preprocess_follows_config():
-    encoder = make_tiny_encoder(input_size=24, resize_size=30, mean=(0.5, 0.5, 0.5),
-                                std=(0.25, 0.25, 0.25))
+    encoder = make_tiny_encoder(
+        input_size=24, resize_size=30, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    )
     x = encoder.preprocess(Image.new("RGB", (90, 60), (255, 255, 255)))
     assert x.shape == (3, 24, 24)
     torch.testing.assert_close(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
