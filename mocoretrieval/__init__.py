@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .data import IMAGE_EXTENSIONS, load_image, walk_images
+from .embed import EmbeddedBatch, iter_embeddings
 from .encoder import MoCoEncoder
 from .errors import (
     CheckpointError,
@@ -18,8 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "IMAGE_EXTENSIONS",
     "OFFICIAL",
     "CheckpointError",
+    "EmbeddedBatch",
     "ImageError",
     "IndexFormatError",
     "ModelMismatchError",
@@ -28,4 +32,7 @@ __all__ = [
     "SourceError",
     "UnsafeCheckpointError",
     "convert",
+    "iter_embeddings",
+    "load_image",
+    "walk_images",
 ]

@@ -1,0 +1,124 @@
+"""Batch embedding of files: same vectors as `encoder.embed`, order kept, bad files skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_images
+from test_data import make_broken_files
+
+from mocoretrieval.data import load_image, walk_images
+from mocoretrieval.embed import EmbeddedBatch, auto_workers, iter_embeddings, resolve_device
+from mocoretrieval.errors import MoCoRetrievalError
+
+
+def _collect(batches: list[EmbeddedBatch]) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    paths = [p for b in batches for p in b.paths]
+    vectors = np.concatenate([b.vectors for b in batches])
+    skipped = [s for b in batches for s in b.skipped]
+    return paths, vectors, skipped
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vectors_equal_encoder_embed_in_input_order(image_folder, tiny_encoder, workers):
+    rel = walk_images(image_folder)
+    seen: list[int] = []
+    batches = list(
+        iter_embeddings(
+            tiny_encoder, image_folder, rel, batch_size=5, workers=workers, progress=seen.append
+        )
+    )
+    assert [len(b) for b in batches] == [5, 5, 5, 3]
+    assert seen == [5, 5, 5, 3]
+    paths, vectors, skipped = _collect(batches)
+    assert paths == rel and skipped == []
+    assert vectors.dtype == np.float32 and vectors.shape == (len(rel), tiny_encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    reference = tiny_encoder.embed(
+        [load_image(image_folder / p, tiny_encoder.resize_size) for p in rel]
+    )
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+
+
+def test_broken_files_are_skipped_with_reasons_and_good_ones_embedded(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    good = sorted(p.relative_to(root).as_posix() for p in make_images(root, 5))
+    expected = make_broken_files(root)
+    Image.new("RGB", (80, 80)).save(root / "bomb.png")
+    expected["bomb.png"] = "decompression bomb (6400 pixels)"
+    (root / "gone.jpg").write_bytes(b"x")
+    expected["gone.jpg"] = "vanished"
+    rel = walk_images(root)
+    (root / "gone.jpg").unlink()  # vanishes between the walk and the decode
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # inherited by the forked workers
+    paths, vectors, skipped = _collect(
+        list(iter_embeddings(tiny_encoder, root, rel, batch_size=4, workers=2))
+    )
+    assert paths == good and vectors.shape == (5, tiny_encoder.dim)
+    reasons = dict(skipped)
+    assert sorted(reasons) == sorted(expected)
+    for name, reason in expected.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+
+
+def test_a_batch_of_only_broken_files_still_yields(tmp_path, tiny_encoder):
+    make_broken_files(tmp_path)
+    rel = walk_images(tmp_path)
+    batches = list(iter_embeddings(tiny_encoder, tmp_path, rel, batch_size=2, workers=0))
+    assert all(b.vectors.shape == (0, tiny_encoder.dim) for b in batches)
+    assert sum(len(b) for b in batches) == len(rel)
+
+
+def test_nothing_to_embed_yields_nothing(tmp_path, tiny_encoder):
+    assert list(iter_embeddings(tiny_encoder, tmp_path, [])) == []
+
+
+def test_resnet_runs_channels_last_and_vit_does_not(image_folder, tiny_encoder):
+    from conftest import make_tiny_encoder
+
+    rel = walk_images(image_folder)[:3]
+    list(iter_embeddings(tiny_encoder, image_folder, rel, workers=0))
+    conv = tiny_encoder.backbone.net.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    vit = make_tiny_encoder("vit_small", input_size=32, resize_size=32)
+    _, vectors, _ = _collect(list(iter_embeddings(vit, image_folder, rel, workers=0)))
+    assert vectors.shape == (3, 384)
+
+
+def test_any_object_with_the_embedding_protocol_works(image_folder, tiny_encoder):
+    class NotAModule:  # what an ONNX runtime backend looks like to iter_embeddings
+        preprocess = tiny_encoder.preprocess
+        resize_size = tiny_encoder.resize_size
+        input_size = tiny_encoder.input_size
+        is_resnet = True
+        dim = tiny_encoder.dim
+
+        def embed(self, batch):
+            assert batch.is_contiguous()  # no channels_last forced on a foreign backend
+            return tiny_encoder.embed(batch.contiguous())
+
+    rel = walk_images(image_folder)
+    paths, vectors, _ = _collect(list(iter_embeddings(NotAModule(), image_folder, rel)))
+    assert paths == rel and vectors.shape == (len(rel), tiny_encoder.dim)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MoCoRetrievalError, match="unknown device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoCoRetrievalError, match="--device cpu"):
+            resolve_device("cuda")
+
+
+def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
+    assert auto_workers(1) == 0
+    assert 1 <= auto_workers(100) <= 4
+    with pytest.raises(MoCoRetrievalError, match="batch_size"):
+        list(iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0))
