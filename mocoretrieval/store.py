@@ -1,0 +1,258 @@
+"""`Store`: the SQLite database of an index — one row per file, its embedding, and a generation.
+
+The store knows nothing of models or FAISS. Each batch of embeddings is written in one
+transaction together with its file rows, so a crash (Ctrl-C, kill -9, power cut) loses at most
+the batch in flight and never leaves a row without its vector or a vector without its row.
+Every transaction that changes the set of vectors bumps ``generation``; the FAISS index records
+the generation it was built from, which is how a stale FAISS file is detected.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import IndexFormatError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,              -- POSIX path relative to the indexed root
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    vector_id INTEGER UNIQUE,           -- NULL when skipped
+    skip_reason TEXT,                   -- NULL when embedded
+    indexed_at REAL NOT NULL
+);
+-- AUTOINCREMENT: a vector id is never reused, so an id from a stale FAISS file can never
+-- point at another file's row.
+CREATE TABLE IF NOT EXISTS vectors (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vector BLOB NOT NULL                -- float32, little-endian, L2-normalised
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class FileRecord(NamedTuple):
+    """What the store knows about one file."""
+
+    size: int
+    mtime_ns: int
+    vector_id: int | None
+    skip_reason: str | None
+
+
+class FileStat(NamedTuple):
+    """Size and modification time of a file when it was read: the incremental-update key."""
+
+    size: int
+    mtime_ns: int
+
+
+class Store:
+    """The SQLite database of one index directory.
+
+    Args:
+        path: the database file; created with its schema when missing.
+        dim: the embedding dimension, checked on every write.
+        readonly: open without writing anything (searching a read-only index).
+    """
+
+    def __init__(self, path: str | Path, dim: int, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.dim = int(dim)
+        self._lock = threading.Lock()  # one connection shared by threads (e.g. a web app)
+        try:
+            if readonly:
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            else:
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                # WAL: readers never block the writer; FULL: a committed batch survives a power
+                # cut, not only a process crash (https://www.sqlite.org/wal.html).
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._create_schema()
+            self._check_schema()
+        except sqlite3.DatabaseError as e:
+            raise IndexFormatError(
+                f"cannot read the index database {self.path}: {e}. Delete the index directory "
+                "and run `mocoretrieval index` again"
+            ) from e
+
+    def _create_schema(self) -> None:
+        with self._db:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                self._db.executescript(_SCHEMA)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+
+    def _check_schema(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise IndexFormatError(
+                f"{self.path} has schema version {version}; this mocoretrieval reads up to "
+                f"{SCHEMA_VERSION}: upgrade with `pip install -U mocoretrieval`"
+            )
+        if version < 1:
+            raise IndexFormatError(f"{self.path} is not an index database (no schema)")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- reading -----------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every committed change to the set of vectors."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(row[0])
+
+    def files(self) -> dict[str, FileRecord]:
+        """Every known file, embedded or skipped, by relative path."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime_ns, vector_id, skip_reason FROM files"
+            ).fetchall()
+        return {r[0]: FileRecord(*r[1:]) for r in rows}
+
+    def count(self) -> int:
+        """Number of stored vectors (= embedded files)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+
+    def skipped(self) -> dict[str, str]:
+        """Skipped files and why, by relative path."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, skip_reason FROM files WHERE skip_reason IS NOT NULL ORDER BY path"
+            ).fetchall()
+        return dict(rows)
+
+    def iter_vectors(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(ids (n,) int64, vectors (n, dim) float32)`` chunks in id order."""
+        last = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+            yield ids, vectors.reshape(len(rows), self.dim).astype(np.float32)
+            last = int(ids[-1])
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored vector: ``(ids (N,) int64, vectors (N, dim) float32)``."""
+        n = self.count()
+        ids = np.empty(n, dtype=np.int64)
+        vectors = np.empty((n, self.dim), dtype=np.float32)
+        i = 0
+        for chunk_ids, chunk in self.iter_vectors():
+            ids[i : i + len(chunk_ids)] = chunk_ids
+            vectors[i : i + len(chunk_ids)] = chunk
+            i += len(chunk_ids)
+        return ids[:i], vectors[:i]
+
+    def paths_of(self, vector_ids: Iterable[int]) -> dict[int, str]:
+        """Relative paths of the given vector ids (unknown ids are left out)."""
+        wanted = sorted({int(i) for i in vector_ids if i >= 0})
+        out: dict[int, str] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):  # SQLite caps the number of parameters
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(
+                    self._db.execute(
+                        f"SELECT vector_id, path FROM files WHERE vector_id IN ({marks})", chunk
+                    ).fetchall()
+                )
+        return out
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    # --- writing: each public method is one transaction ----------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def add_batch(
+        self,
+        paths: Sequence[str],
+        vectors: np.ndarray,
+        stats: Sequence[FileStat],
+        skipped: Sequence[tuple[str, str, FileStat]] = (),
+    ) -> None:
+        """Commits one batch: embedded files with their vectors, and skipped files with reasons.
+
+        A path already in the store is replaced, its old vector deleted in the same transaction.
+
+        Args:
+            paths: relative paths of the embedded files.
+            vectors: (len(paths), dim) embeddings.
+            stats: the size and mtime each embedded file had when it was read.
+            skipped: ``(path, reason, stat)`` of the files that could not be embedded.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if vectors.shape != (len(paths), self.dim):
+            raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
+        now = time.time()
+        with self._lock, self._db:
+            self._delete_vectors_of([*paths, *(s[0] for s in skipped)])
+            for path, vector, stat in zip(paths, vectors, stats):
+                cur = self._db.execute(
+                    "INSERT INTO vectors (vector) VALUES (?)", (vector.tobytes(),)
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, NULL, ?)",
+                    (path, stat.size, stat.mtime_ns, cur.lastrowid, now),
+                )
+            for path, reason, stat in skipped:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, NULL, ?, ?)",
+                    (path, stat.size, stat.mtime_ns, reason, now),
+                )
+            self._bump_generation()
+
+    def remove(self, paths: Sequence[str]) -> None:
+        """Forgets files (and their vectors) in one transaction."""
+        if not paths:
+            return
+        with self._lock, self._db:
+            self._delete_vectors_of(paths)
+            self._db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in paths])
+            self._bump_generation()
+
+    def clear(self) -> None:
+        """Forgets every file and vector (a rebuild with another model)."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM files")
+            self._db.execute("DELETE FROM vectors")
+            self._bump_generation()
+
+    def _delete_vectors_of(self, paths: Sequence[str]) -> None:
+        self._db.executemany(
+            "DELETE FROM vectors WHERE id = (SELECT vector_id FROM files WHERE path=?)",
+            [(p,) for p in paths],
+        )
+
+    def _bump_generation(self) -> None:
+        self._db.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'"
+        )
