@@ -1,0 +1,236 @@
+"""Pretraining hyperparameters: one dataclass, one preset per MoCo version, each default cited.
+
+Sources, cited below by tag:
+- [v1]   He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020,
+         and facebookresearch/moco ``main_moco.py`` (defaults of the v1 run).
+- [v2]   Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297,
+         and facebookresearch/moco ``main_moco.py --mlp --moco-t 0.2 --aug-plus --cos``.
+- [v3]   Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers",
+         ICCV 2021, and facebookresearch/moco-v3 ``main_moco.py``, ``moco/builder.py``,
+         ``CONFIG.md`` (ResNet-50 100-epoch and ViT-S/B recipes).
+- [demo] the MoCo CIFAR-10 demo notebook of facebookresearch/moco (kNN monitor, split BN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from mocoretrieval.backbones import ARCHS, VITS
+from mocoretrieval.errors import MoCoRetrievalError
+
+VERSIONS = ("v1", "v2", "v3")
+
+
+class ConfigError(MoCoRetrievalError, ValueError):
+    """A pretraining configuration is inconsistent; the message names the field to change."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that decides what a pretraining run computes (not where it reads or writes)."""
+
+    version: str = "v2"
+    arch: str = "resnet50"
+    # Inputs of 64 px or less use the 3x3-conv, no-max-pool ResNet stem (as in [demo]).
+    small_stem: bool = False
+    input_size: int = 224
+    # Zero-init the last BN of each residual block: [v3] builds ResNets with zero_init_residual.
+    zero_init_residual: bool = False
+
+    # --- heads ---
+    dim: int = 128  # output dim: 128 in [v1]/[v2], 256 in [v3]
+    # Hidden width of the MLP heads. None: the backbone's feature dim, as [v2] (2048 for R50).
+    mlp_dim: int | None = None
+    # Layers of the projection head: 1 linear in [v1], 2 in [v2]; [v3] 2 (ResNet) / 3 (ViT).
+    proj_layers: int = 2
+    # [v3]'s heads have BN after every hidden Linear, no biases and a last BN without affine.
+    head_bn: bool = False
+    pred_layers: int = 0  # predictor: 0 = none ([v1]/[v2]); 2 in [v3]
+    # [v3] builder: the ResNet predictor ends without BN (last_bn=False), the ViT one with BN.
+    pred_last_bn: bool = False
+
+    # --- contrast ---
+    queue_size: int = 65536  # K=65536 [v1]; 0 = no queue, keys from the batch [v3]
+    m: float = 0.999  # [v1]; [v3] starts at 0.99
+    m_cos: bool = False  # [v3]: momentum rises to 1 on a half-cycle cosine
+    T: float = 0.2  # 0.07 [v1], 0.2 [v2], 1.0 [v3] ResNet / 0.2 [v3] ViT
+    # Shuffle-BN [v1 Sec. 3.3] over this many BN groups in total (8 GPUs in [v1]/[v2];
+    # bn_splits=8 in [demo]); in one process the batch is split into that many sub-batches.
+    shuffle_bn_groups: int = 8
+    # [v3] trains with SyncBN across processes (full-batch statistics).
+    sync_bn: bool = False
+
+    # --- optimisation ---
+    epochs: int = 200  # [v1]/[v2]; [v3] 100 (R50) / 300 (ViT)
+    batch_size: int = 256  # total over all processes; [v1]/[v2] 256, [v3] 4096
+    optimizer: str = "sgd"  # sgd [v1]/[v2], lars [v3] ResNet, adamw [v3] ViT
+    lr: float = 0.03  # base lr for batch 256, scaled by batch/256 ([v1]: 0.03; [v3] 0.6 / 1.5e-4)
+    momentum: float = 0.9  # SGD / LARS momentum [v1][v3]
+    weight_decay: float = 1e-4  # [v1]; [v3] 1e-6 (LARS) / 0.1 (AdamW)
+    lr_schedule: str = "cosine"  # "step" [v1]: x0.1 at lr_steps; "cosine" [v2]/[v3]
+    lr_steps: tuple[float, ...] = (0.6, 0.8)  # [v1]: epochs 120 and 160 of 200
+    warmup_epochs: float = 0.0  # [v3]: 10 (R50) / 40 (ViT), linear
+    # [v1]/[v2] set the lr once per epoch; [v3] per iteration (fractional epochs).
+    schedule_per_step: bool = False
+    stop_grad_conv1: bool = False  # [v3] ViT: patch projection frozen at its random init
+
+    # --- augmentation (two views) ---
+    crop_min: float = 0.2  # RandomResizedCrop scale (0.2, 1) [v1][v2]; [v3] R50 recipe 0.2
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # [v2]; [v1] hue 0.4
+    jitter_p: float = 0.8  # [v2]; [v1] always (1.0)
+    grayscale_p: float = 0.2  # [v1][v2][v3]
+    # Blur sigma range in pixels of a 224-px image, scaled by input_size/224 so that small
+    # inputs are not blurred out of existence; sigma in [0.1, 2] from [v2] (SimCLR).
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float] = (0.5, 0.5)  # per view: [v2] 0.5; [v3] 1.0 / 0.1 (BYOL)
+    solarize_p: tuple[float, float] = (0.0, 0.0)  # per view: [v3] 0 / 0.2 (BYOL)
+    flip_p: float = 0.5
+    # Normalisation of the inputs; None: ImageNet statistics (or the dataset's own, if known).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    # --- monitoring and run ---
+    knn_k: int = 200  # [demo]
+    knn_t: float = 0.1  # [demo]
+    knn_every: int = 1  # epochs between kNN evaluations (0: never)
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ConfigError on an inconsistent combination, naming the field to change."""
+        if self.version not in VERSIONS:
+            raise ConfigError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.optimizer not in ("sgd", "lars", "adamw"):
+            raise ConfigError(f"optimizer must be sgd, lars or adamw, got {self.optimizer!r}")
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ConfigError(f"lr_schedule must be step or cosine, got {self.lr_schedule!r}")
+        if self.version == "v3" and self.queue_size:
+            raise ConfigError("MoCo v3 has no queue: set queue_size=0")
+        if self.version != "v3" and self.queue_size < 1:
+            raise ConfigError(f"MoCo {self.version} needs a queue: set queue_size > 0")
+        if self.version == "v3" and self.pred_layers < 1:
+            raise ConfigError("MoCo v3 needs a predictor: set pred_layers >= 1")
+        if not 0.0 <= self.m <= 1.0:
+            raise ConfigError(f"momentum m must be in [0, 1], got {self.m}")
+        if self.epochs < 1 or self.batch_size < 1 or self.shuffle_bn_groups < 1:
+            raise ConfigError("epochs, batch_size and shuffle_bn_groups must be positive")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs")
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch in VITS
+
+    def head_config(self, feature_dim: int) -> dict[str, Any]:
+        """The projection head as :func:`mocoretrieval.heads.build_mlp` keyword arguments."""
+        hidden = self.mlp_dim or feature_dim
+        if self.head_bn:  # [v3] builder._build_mlp: Linear(bias=False), BN, ReLU; last BN
+            return dict(
+                num_layers=self.proj_layers,
+                hidden_dim=hidden,
+                out_dim=self.dim,
+                batch_norm=True,
+                last_bn=True,
+                bias=False,
+            )
+        return dict(num_layers=self.proj_layers, hidden_dim=hidden, out_dim=self.dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fixed)
+
+
+def preset(version: str, arch: str = "resnet50", **overrides: Any) -> PretrainConfig:
+    """The published recipe of ``version`` for ``arch``, with ``overrides`` applied on top.
+
+    A ``small_stem`` ResNet (inputs <= 64 px) is selected automatically when ``input_size`` is
+    64 or less, unless ``small_stem`` is given.
+    """
+    if version not in VERSIONS:
+        raise ConfigError(f"version must be one of {VERSIONS}, got {version!r}")
+    vit = arch in VITS
+    if version == "v1":
+        base: dict[str, Any] = dict(
+            dim=128,
+            proj_layers=1,
+            queue_size=65536,
+            m=0.999,
+            T=0.07,
+            epochs=200,
+            batch_size=256,
+            optimizer="sgd",
+            lr=0.03,
+            weight_decay=1e-4,
+            lr_schedule="step",
+            jitter=(0.4, 0.4, 0.4, 0.4),
+            jitter_p=1.0,
+            blur_p=(0.0, 0.0),
+        )
+    elif version == "v2":
+        base = dict(
+            dim=128,
+            proj_layers=2,
+            queue_size=65536,
+            m=0.999,
+            T=0.2,
+            epochs=200,
+            batch_size=256,
+            optimizer="sgd",
+            lr=0.03,
+            weight_decay=1e-4,
+            lr_schedule="cosine",
+            jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8,
+            blur_p=(0.5, 0.5),
+        )
+    else:
+        base = dict(
+            dim=256,
+            mlp_dim=4096,
+            proj_layers=3 if vit else 2,
+            head_bn=True,
+            pred_layers=2,
+            pred_last_bn=vit,
+            queue_size=0,
+            m=0.99,
+            m_cos=True,
+            T=0.2 if vit else 1.0,
+            shuffle_bn_groups=1,
+            sync_bn=True,
+            zero_init_residual=not vit,
+            epochs=300 if vit else 100,
+            batch_size=4096,
+            optimizer="adamw" if vit else "lars",
+            lr=1.5e-4 if vit else 0.6,
+            weight_decay=0.1 if vit else 1e-6,
+            lr_schedule="cosine",
+            warmup_epochs=40 if vit else 10,
+            schedule_per_step=True,
+            stop_grad_conv1=vit,
+            crop_min=0.08 if vit else 0.2,
+            jitter=(0.4, 0.4, 0.2, 0.1),
+            jitter_p=0.8,
+            blur_p=(1.0, 0.1),
+            solarize_p=(0.0, 0.2),
+        )
+    base.update(version=version, arch=arch)
+    size = overrides.get("input_size", 224)
+    if not vit and "small_stem" not in overrides:
+        base["small_stem"] = size <= 64
+    base.update(overrides)
+    return PretrainConfig(**base)

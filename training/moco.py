@@ -1,0 +1,174 @@
+"""MoCo: a base encoder, its momentum copy, and the contrastive loss of v1/v2 (queue) or v3.
+
+Read alongside He et al. 2020 (Alg. 1), Chen et al. 2020 and Chen, Xie, He 2021 (Alg. 1).
+Nothing here calls CUDA or assumes a process group: ``training.dist`` falls back to one process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocoretrieval.encoder import MoCoEncoder
+
+from . import dist
+from .config import ConfigError, PretrainConfig
+from .heads import build_base_encoder, build_predictor
+from .losses import info_nce_batch, info_nce_queue
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed over ``num_splits`` sub-batches.
+
+    One process then normalises like ``num_splits`` GPUs would, each over its own share of the
+    batch; this is what makes shuffle-BN meaningful on one device (MoCo CIFAR demo). Sample
+    ``n`` belongs to sub-batch ``n % num_splits``. Parameters and buffers are those of
+    ``nn.BatchNorm2d``, so state dicts are interchangeable; evaluation uses running statistics.
+    """
+
+    num_splits: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.num_splits
+        if not self.training or g == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % g:
+            raise ValueError(f"batch of {n} does not split into {g} BN groups; change batch_size")
+        running_mean = self.running_mean.repeat(g)
+        running_var = self.running_var.repeat(g)
+        y = F.batch_norm(
+            x.reshape(n // g, g * c, h, w),  # (N/G, G*C, H, W): the groups side by side
+            running_mean,
+            running_var,
+            self.weight.repeat(g),
+            self.bias.repeat(g),
+            True,
+            0.1 if self.momentum is None else self.momentum,
+            self.eps,
+        )
+        with torch.no_grad():  # one set of running statistics: the mean over the groups
+            self.running_mean.copy_(running_mean.view(g, c).mean(0))
+            self.running_var.copy_(running_var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return y.reshape(n, c, h, w)
+
+
+def use_split_bn(module: nn.Module, num_splits: int) -> None:
+    """Makes every ``BatchNorm2d`` in ``module`` a :class:`SplitBatchNorm2d` (in place)."""
+    for m in module.modules():
+        if type(m) in (nn.BatchNorm2d, SplitBatchNorm2d):
+            m.__class__ = SplitBatchNorm2d
+            m.num_splits = num_splits
+
+
+def project(encoder: MoCoEncoder, x: torch.Tensor) -> torch.Tensor:
+    """Backbone then projection head: (N, 3, H, W) -> (N, dim), not normalised."""
+    return encoder.head(encoder.backbone(x))
+
+
+class MomentumPair(nn.Module):
+    """A base encoder trained by gradient and a momentum encoder that follows it (EMA)."""
+
+    def __init__(self, base_encoder: MoCoEncoder, T: float) -> None:
+        super().__init__()
+        self.T = T
+        self.base_encoder = base_encoder
+        self.momentum_encoder = copy.deepcopy(base_encoder)  # starts equal (MoCo Alg. 1)
+        self.momentum_encoder.requires_grad_(False)  # updated by momentum, not by gradient
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q (He et al. 2020, Eq. 2)."""
+        base = [p.detach() for p in self.base_encoder.parameters()]
+        mom = list(self.momentum_encoder.parameters())
+        torch._foreach_mul_(mom, m)
+        torch._foreach_add_(mom, base, alpha=1.0 - m)
+
+
+class MoCo(MomentumPair):
+    """MoCo v1/v2: keys from the momentum encoder, negatives from a queue of past keys."""
+
+    def __init__(
+        self, base_encoder: MoCoEncoder, dim: int, K: int, T: float, bn_splits: int = 1
+    ) -> None:
+        super().__init__(base_encoder, T)
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (C, K)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if bn_splits > 1:
+            use_split_bn(self.base_encoder, bn_splits)
+            use_split_bn(self.momentum_encoder, bn_splits)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replaces the oldest keys of the queue by ``keys`` (N, C), wrapping around its end."""
+        n, K = keys.shape[0], self.queue.shape[1]
+        if n > K:
+            raise ValueError(f"a batch of {n} keys does not fit a queue of {K}; raise queue_size")
+        ptr = int(self.queue_ptr)
+        idx = (torch.arange(n, device=keys.device) + ptr) % K
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % K
+
+    @torch.no_grad()
+    def shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys of ``x`` computed with shuffle-BN (He et al. 2020, Sec. 3.3): the batch of all
+        processes is permuted before the momentum encoder and restored after it, so a query and
+        its key are normalised with different sub-batches' statistics."""
+        n, rank = x.shape[0], dist.get_rank()
+        x_all = dist.all_gather(x)  # (W*N, 3, H, W)
+        perm = dist.broadcast(torch.randperm(x_all.shape[0], device=x.device), 0)
+        k = F.normalize(
+            project(self.momentum_encoder, x_all[perm[rank * n : (rank + 1) * n]]), dim=1
+        )
+        k_all = dist.all_gather(k)  # (W*N, C), in shuffled order
+        return k_all[torch.argsort(perm)][rank * n : (rank + 1) * n]  # (N, C), original order
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        """The loss of one step; updates the momentum encoder first and the queue last."""
+        q = F.normalize(project(self.base_encoder, x1), dim=1)  # (N, C)
+        with torch.no_grad():
+            self.momentum_update(m)
+            k = self.shuffled_keys(x2)  # (N, C)
+        # The queue is cloned: enqueue() below changes it before backward needs it.
+        loss = info_nce_queue(q.float(), k.float(), self.queue.clone(), self.T)
+        self.enqueue(dist.all_gather(k))
+        return loss
+
+
+class MoCoV3(MomentumPair):
+    """MoCo v3: no queue; a predictor on the queries and a symmetric loss over batch keys."""
+
+    def __init__(self, base_encoder: MoCoEncoder, predictor: nn.Module, T: float) -> None:
+        super().__init__(base_encoder, T)
+        self.predictor = predictor
+
+    def contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """ctr(q, k) with the keys of every process; positives sit at ``N * rank + i``."""
+        return info_nce_batch(q, dist.all_gather(k), self.T, offset=q.shape[0] * dist.get_rank())
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        q1 = self.predictor(project(self.base_encoder, x1))  # (N, C)
+        q2 = self.predictor(project(self.base_encoder, x2))  # (N, C)
+        with torch.no_grad():
+            self.momentum_update(m)
+            k1 = project(self.momentum_encoder, x1)  # (N, C)
+            k2 = project(self.momentum_encoder, x2)  # (N, C)
+        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+
+
+def build_moco(cfg: PretrainConfig, mean=None, std=None, world_size: int = 1) -> MomentumPair:
+    """The model of ``cfg``; ``world_size`` processes share the shuffle-BN groups."""
+    encoder = build_base_encoder(cfg, mean, std, source="mocoretrieval training.pretrain")
+    if cfg.version == "v3":
+        return MoCoV3(encoder, build_predictor(cfg), cfg.T)
+    if cfg.shuffle_bn_groups % world_size and world_size % cfg.shuffle_bn_groups:
+        raise ConfigError(
+            f"shuffle_bn_groups={cfg.shuffle_bn_groups} does not divide among {world_size} "
+            "processes; use a multiple or divisor of the number of processes"
+        )
+    splits = max(1, cfg.shuffle_bn_groups // world_size)
+    return MoCo(encoder, cfg.dim, cfg.queue_size, cfg.T, bn_splits=splits)
