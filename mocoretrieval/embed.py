@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,23 @@ def auto_workers(num_batches: int) -> int:
     return max(1, min(available_cpus(), MAX_AUTO_WORKERS, num_batches - 1))
 
 
+def plan_chunks(n: int, batch_size: int, parts: int) -> tuple[list[list[int]], list[int]]:
+    """Splits ``range(n)`` into model batches of ``batch_size``, each cut into ``parts`` chunks.
+
+    Returns:
+        The chunks (lists of indices, in order) and how many chunks each model batch has.
+    """
+    chunks: list[list[int]] = []
+    per_batch: list[int] = []
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        k = min(parts, size)
+        bounds = [start + size * j // k for j in range(k + 1)]
+        chunks += [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+        per_batch.append(k)
+    return chunks, per_batch
+
+
 def _prepare_encoder(encoder: Any, device: torch.device) -> torch.memory_format | None:
     """Moves a torch encoder to ``device``; returns the input memory format it wants."""
     if not isinstance(encoder, torch.nn.Module):
@@ -142,33 +160,39 @@ def iter_embeddings(
     num_batches = -(-len(relpaths) // batch_size)
     if workers is None:
         workers = auto_workers(num_batches)
+    # Each model batch is decoded as one chunk per worker, so that all workers decode the
+    # first batch together instead of the model waiting for one of them to decode it alone.
+    chunks, chunks_per_batch = plan_chunks(len(relpaths), batch_size, max(workers, 1))
     dataset = ImageFileDataset(root, relpaths, encoder.preprocess, min_side=encoder.resize_size)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=chunks,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=dev.type == "cuda",
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
     )
+    fmt = memory_format or torch.preserve_format
     dim = int(getattr(encoder, "dim", 0))
     logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
-    batch: DecodedBatch
+    decoded = iter(loader)
     with torch.inference_mode():
-        for batch in loader:
-            skipped = [(relpaths[i], reason) for i, reason in batch.failed]
+        for num_chunks in chunks_per_batch:
+            parts: list[DecodedBatch] = [next(decoded) for _ in range(num_chunks)]
+            skipped = [(relpaths[i], reason) for part in parts for i, reason in part.failed]
             for path, reason in skipped:
                 logger.info("skipped %s: %s", path, reason)
-            if batch.images is None:
-                vectors = np.zeros((0, dim), dtype=np.float32)
+            images = [
+                part.images.to(dev, non_blocking=True) for part in parts if part.images is not None
+            ]
+            if images:
+                batch = (images[0] if len(images) == 1 else torch.cat(images)).to(memory_format=fmt)
+                vectors = np.asarray(encoder.embed(batch), dtype=np.float32)
             else:
-                images = batch.images.to(
-                    dev, non_blocking=True, memory_format=memory_format or torch.preserve_format
-                )
-                vectors = np.asarray(encoder.embed(images), dtype=np.float32)
-            out = EmbeddedBatch([relpaths[i] for i in batch.indices], vectors, skipped)
+                vectors = np.zeros((0, dim), dtype=np.float32)
+            paths = [relpaths[i] for part in parts for i in part.indices]
+            out = EmbeddedBatch(paths, vectors, skipped)
             if progress is not None:
                 progress(len(out))
             yield out

@@ -9,7 +9,13 @@ from conftest import make_images
 from test_data import make_broken_files
 
 from mocoretrieval.data import load_image, walk_images
-from mocoretrieval.embed import EmbeddedBatch, auto_workers, iter_embeddings, resolve_device
+from mocoretrieval.embed import (
+    EmbeddedBatch,
+    auto_workers,
+    iter_embeddings,
+    plan_chunks,
+    resolve_device,
+)
 from mocoretrieval.errors import MoCoRetrievalError
 
 
@@ -122,3 +128,12 @@ def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
     assert 1 <= auto_workers(100) <= 4
     with pytest.raises(MoCoRetrievalError, match="batch_size"):
         list(iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0))
+
+
+def test_plan_chunks_splits_each_batch_between_workers():
+    chunks, per_batch = plan_chunks(11, batch_size=4, parts=2)
+    assert chunks == [[0, 1], [2, 3], [4, 5], [6, 7], [8], [9, 10]]
+    assert per_batch == [2, 2, 2]
+    chunks, per_batch = plan_chunks(5, batch_size=4, parts=8)
+    assert chunks == [[0], [1], [2], [3], [4]] and per_batch == [4, 1]
+    assert plan_chunks(3, batch_size=8, parts=1) == ([[0, 1, 2]], [1])

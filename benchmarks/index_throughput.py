@@ -1,0 +1,227 @@
+"""Indexing throughput on large real JPEGs: the pipeline against model-only and a naive loop.
+
+Measures, in one run and on the same random-weight encoder and batch size:
+
+- ``model-only``: forward passes on ready-made tensors (channels_last, inference mode): the
+  ceiling any pipeline can reach;
+- ``iter_embeddings``: files to vectors with :func:`mocoretrieval.embed.iter_embeddings`
+  (draft-mode decoding in worker processes, overlapped with the model);
+- ``cli index`` (with ``--cli``, once the command exists): ``mocoretrieval index`` as a user runs
+  it, process start and model loading included;
+- ``naive batched``: full PIL decode -> transform -> model (default layout, ``no_grad``), in
+  one process, batched like the others;
+- ``naive 1-by-1`` (with ``--naive-1``): the same one image at a time.
+
+Methods are interleaved over ``--rounds`` rounds and each keeps its best round, so that load from
+other processes on a shared machine penalises all of them alike. Usage::
+
+    python benchmarks/index_throughput.py --folder /usr/share/wallpapers --limit 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mocoretrieval import MoCoEncoder
+from mocoretrieval.data import walk_images
+from mocoretrieval.embed import available_cpus, iter_embeddings
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def pick_jpegs(folder: Path, limit: int, min_pixels: float) -> list[str]:
+    """The first ``limit`` JPEGs of at least ``min_pixels`` pixels, in walk order."""
+    out = []
+    for rel in walk_images(folder):
+        if rel.lower().endswith((".jpg", ".jpeg")):
+            with Image.open(folder / rel) as im:
+                if im.width * im.height >= min_pixels:
+                    out.append(rel)
+        if len(out) == limit:
+            break
+    return out
+
+
+def describe(folder: Path, rel: list[str]) -> str:
+    mpix, progressive = [], 0
+    for r in rel:
+        with Image.open(folder / r) as im:
+            mpix.append(im.width * im.height / 1e6)
+            progressive += bool(im.info.get("progressive"))
+    return (
+        f"{len(rel)} JPEGs, {min(mpix):.1f}-{max(mpix):.1f} MPix (median "
+        f"{np.median(mpix):.1f}), {progressive} progressive"
+    )
+
+
+def chunks(n: int, size: int) -> list[int]:
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def run_model_only(encoder: MoCoEncoder, n: int, batch_size: int) -> None:
+    x = torch.randn(batch_size, 3, encoder.input_size, encoder.input_size)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for size in chunks(n, batch_size):
+            encoder.embed(x[:size])
+
+
+def run_pipeline(encoder: MoCoEncoder, folder: Path, rel: list[str], args) -> None:
+    done = sum(
+        len(b.paths)
+        for b in iter_embeddings(
+            encoder, folder, rel, batch_size=args.batch_size, workers=args.workers, device="cpu"
+        )
+    )
+    if done != len(rel):
+        raise RuntimeError(f"embedded {done} of {len(rel)} files")
+
+
+def run_naive(encoder: MoCoEncoder, folder: Path, rel: list[str], batch_size: int) -> None:
+    tf = encoder.preprocess
+    with torch.no_grad():
+        for i in range(0, len(rel), batch_size):
+            batch = torch.stack(
+                [tf(Image.open(folder / r).convert("RGB")) for r in rel[i : i + batch_size]]
+            )
+            torch.nn.functional.normalize(encoder(batch), dim=1).numpy()
+
+
+def run_cli(model_dir: Path, folder: Path, rel: list[str], args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = Path(tmp) / "photos"
+        for r in rel:  # a folder of exactly these files, as links (walk_images lists links)
+            (photos / r).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(folder / r, photos / r)
+        cmd = [
+            sys.executable, "-m", "mocoretrieval", "index", str(photos), "--index",
+            str(Path(tmp) / "index"), "--model", str(model_dir), "--batch-size",
+            str(args.batch_size), "--device", "cpu",
+        ]  # fmt: skip
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cli_has_index() -> bool:
+    from mocoretrieval.cli import build_parser
+
+    try:
+        build_parser().parse_args(["index", "--help"])
+    except SystemExit as e:
+        return e.code == 0
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--folder", type=Path, default=Path("/usr/share/wallpapers"))
+    p.add_argument("--limit", type=int, default=40, help="number of JPEGs")
+    p.add_argument("--min-mpix", type=float, default=2.0, help="skip JPEGs smaller than this")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="default: iter_embeddings' choice")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cli", action="store_true", help="also time `mocoretrieval index`")
+    p.add_argument("--naive-1", action="store_true", help="also time the 1-by-1 naive loop (slow)")
+    p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    args = p.parse_args(argv)
+
+    load_before = os.getloadavg()[0]
+    rel = pick_jpegs(args.folder, args.limit, args.min_mpix * 1e6)
+    if not rel:
+        p.error(f"no JPEG of at least {args.min_mpix} MPix under {args.folder}")
+    n = len(rel)
+    torch.manual_seed(0)
+    encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
+    naive_encoder = copy.deepcopy(encoder)  # stays in the default (NCHW) layout
+    methods: dict[str, Callable[[], None]] = {
+        "model-only": lambda: run_model_only(encoder, n, args.batch_size),
+        "iter_embeddings": lambda: run_pipeline(encoder, args.folder, rel, args),
+        "naive batched": lambda: run_naive(naive_encoder, args.folder, rel, args.batch_size),
+    }
+    if args.naive_1:
+        methods["naive 1-by-1"] = lambda: run_naive(naive_encoder, args.folder, rel, 1)
+    model_dir = None
+    if args.cli:
+        if not cli_has_index():
+            p.error("`mocoretrieval index` does not exist yet; run without --cli")
+        model_dir = Path(tempfile.mkdtemp())
+        encoder.save_pretrained(model_dir)
+        methods["cli index"] = lambda: run_cli(model_dir, args.folder, rel, args)
+
+    # Warm-up: oneDNN picks its kernels on the first call of each shape and layout.
+    run_model_only(encoder, args.batch_size, args.batch_size)
+    with torch.no_grad():
+        naive_encoder(torch.randn(2, 3, encoder.input_size, encoder.input_size))
+
+    best = {name: float("inf") for name in methods}
+    for r in range(args.rounds):
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+            print(f"round {r + 1}: {name:16s} {n / (time.perf_counter() - t):6.2f} img/s")
+    if model_dir is not None:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+    rate = {name: n / s for name, s in best.items()}
+    lines = [
+        "| method | images/s | seconds | × model-only | iter_embeddings × this |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in methods:
+        lines.append(
+            f"| {name} | {rate[name]:.2f} | {best[name]:.2f} | "
+            f"{rate[name] / rate['model-only']:.2f} | {rate['iter_embeddings'] / rate[name]:.2f} |"
+        )
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    header = (
+        f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
+        f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
+        f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} "
+        f"torch threads; load average before the run {load_before:.2f}; best of "
+        f"{args.rounds} interleaved rounds."
+    )
+    table = "\n".join(lines)
+    print()
+    print(header)
+    print(table)
+    if not args.no_append:
+        command = "python benchmarks/index_throughput.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        with RESULTS.open("a") as f:
+            if f.tell() == 0:
+                f.write("# Benchmark results\n\nMeasured numbers only, newest last.\n")
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            f.write(f"\n## index_throughput, {stamp}\n\n```\n{command.strip()}\n```\n\n")
+            f.write(f"{header}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
