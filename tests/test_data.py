@@ -181,9 +181,14 @@ def test_jpeg_draft_mode_keeps_the_short_side(tmp_path):
     assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 4
 
 
-def test_non_jpeg_is_not_drafted(tmp_path):
+def test_other_formats_are_box_reduced(tmp_path):
     path = _save(tmp_path / "big.png", Image.fromarray(_texture(800, 500)))
-    assert load_image(path, min_side=100).size == (800, 500)
+    assert load_image(path).size == (800, 500)
+    assert load_image(path, min_side=100).size == (160, 100)  # reduced by 500 // 100 = 5
+    assert load_image(path, min_side=260).size == (800, 500)  # 500 < 2 * 260: left alone
+    huge = _save(tmp_path / "huge.jpg", Image.fromarray(_texture(4000, 2400)))
+    # Draft mode stops at 1/8 (500 x 300); the reduction takes it the rest of the way.
+    assert load_image(huge, min_side=100).size == (167, 100)
 
 
 # --- broken files -------------------------------------------------------------------------

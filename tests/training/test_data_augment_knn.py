@@ -1,0 +1,136 @@
+"""IDX reading, robust folders, the data-order sampler, augmentations and the kNN monitor."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.augment import BatchAugment, hsv_to_rgb, pil_view_transform, rgb_to_hsv
+from training.config import preset
+from training.data import (
+    FASHION_MNIST_DIR,
+    EpochSampler,
+    RobustImageDataset,
+    TrainingDataError,
+    fashion_mnist,
+    read_idx,
+)
+from training.knn import knn_accuracy, knn_predict
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def test_read_idx_plain_and_gzip(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a-idx3-ubyte").write_bytes(_idx_bytes(arr))
+    (tmp_path / "b-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(arr)))
+    assert np.array_equal(read_idx(tmp_path / "a-idx3-ubyte"), arr)
+    assert np.array_equal(read_idx(tmp_path / "b-idx3-ubyte.gz"), arr)
+    (tmp_path / "c").write_bytes(_idx_bytes(arr)[:-5])
+    with pytest.raises(TrainingDataError, match="truncated"):
+        read_idx(tmp_path / "c")
+
+
+def test_fashion_mnist_from_the_debian_package():
+    images, labels = fashion_mnist("test", FASHION_MNIST_DIR, limit=10)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.tolist()[:3] == [9, 2, 1]  # the published first test labels
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(TrainingDataError, match="dataset-fashion-mnist"):
+        fashion_mnist("train", tmp_path)
+
+
+def test_broken_image_is_skipped_for_the_next(image_folder, caplog):
+    (image_folder / "img_0000.jpg").write_bytes(b"not a jpeg at all")
+    ds = RobustImageDataset(image_folder, lambda im: im.size)
+    with caplog.at_level(logging.WARNING):
+        assert ds[0] == (64, 48)  # img_0001.png stands in
+    assert "img_0000.jpg" in caplog.text
+
+
+def test_labeled_folder_needs_class_folders(image_folder):
+    with pytest.raises(TrainingDataError, match="sub-folder per class"):
+        RobustImageDataset(image_folder, lambda im: im, labeled=True)
+
+
+def test_sampler_is_deterministic_disjoint_and_drops_the_last_batch():
+    s0, s1 = EpochSampler(21, 4, 0, 2, seed=3), EpochSampler(21, 4, 1, 2, seed=3)
+    for s in (s0, s1):
+        s.set_epoch(2)
+    b0, b1 = s0.batches(), s1.batches()
+    assert len(b0) == len(b1) == 5 and all(len(b) == 2 for b in b0)
+    flat = [i for batch in b0 + b1 for i in batch]
+    assert len(set(flat)) == 20
+    assert b0 == s0.batches()
+    s0.set_epoch(3)
+    assert s0.batches() != b0
+    fresh = EpochSampler(21, 4, 0, 2)
+    fresh.load_state_dict({"n": 21, "batch_size": 4, "seed": 3, "epoch": 2})
+    assert fresh.batches() == b0
+
+
+def test_hsv_round_trip():
+    x = torch.rand(3, 3, 5, 5)
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
+
+
+def test_batch_augment_draws_per_image_and_respects_probabilities():
+    cfg = preset("v3", "resnet18", input_size=16, grayscale_p=1.0)
+    aug = BatchAugment(cfg, 1, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = torch.randint(0, 256, (6, 3, 28, 28), dtype=torch.uint8)
+    y = aug(x)
+    assert y.shape == (6, 3, 16, 16) and y.dtype == torch.float32
+    assert torch.allclose(y[:, 0], y[:, 1]) and torch.allclose(y[:, 1], y[:, 2])  # all gray
+    same = x[:1].expand(6, -1, -1, -1)
+    z = aug(same)
+    assert not torch.allclose(z[0], z[1])  # one image, six different crops
+    torch.manual_seed(0)
+    a = aug(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, aug(x))
+
+
+def _steps(tf) -> list[str]:
+    """Names of a Compose's steps, looking inside RandomApply."""
+    out = []
+    for t in tf.transforms:
+        inner = getattr(t, "transforms", None)
+        out += [type(i).__name__ for i in inner] if inner else [type(t).__name__]
+    return out
+
+
+def test_pil_views_follow_the_asymmetric_v3_recipe():
+    from PIL import Image
+
+    cfg = preset("v3", "resnet18", input_size=16)
+    t1, t2 = (pil_view_transform(cfg, v, (0.5,) * 3, (0.5,) * 3) for v in (0, 1))
+    assert "PILSolarize" not in _steps(t1) and "PILSolarize" in _steps(t2)
+    assert _steps(t1)[0] == "RandomResizedCrop" and _steps(t1)[-1] == "Normalize"
+    assert t2(Image.new("RGB", (40, 30))).shape == (3, 16, 16)
+
+
+def test_knn_predict_weights_votes_by_similarity():
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    q = F.normalize(torch.tensor([[0.2, 1.0]]), dim=1)
+    assert knn_predict(q, bank, labels, 2, k=1).tolist() == [1]
+    # with all three voting, two class-0 neighbours at lower similarity lose at low T
+    assert knn_predict(q, bank, labels, 2, k=3, t=0.01).tolist() == [1]
+    assert knn_predict(q, bank, labels, 2, k=3, t=100.0).tolist() == [0]
+
+
+def test_knn_accuracy_leave_one_out_ignores_self():
+    x = F.normalize(torch.randn(10, 4), dim=1)
+    y = torch.arange(10)  # every label unique: only self-matches could be right
+    assert knn_accuracy(x, y, k=3) == 0.0
+    assert knn_accuracy(x, y, x, y, k=1) == 1.0
