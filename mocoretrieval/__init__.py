@@ -18,6 +18,19 @@ from .sources import DEFAULT_MODEL, OFFICIAL, convert
 
 __version__ = "0.1.0"
 
+# Imported on first use, so that `import mocoretrieval` (and the training package) work
+# without faiss installed.
+_LAZY = {"ImageIndex": ".index", "SearchResult": ".index", "UpdateReport": ".index"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "IMAGE_EXTENSIONS",
@@ -25,12 +38,15 @@ __all__ = [
     "CheckpointError",
     "EmbeddedBatch",
     "ImageError",
+    "ImageIndex",
     "IndexFormatError",
     "ModelMismatchError",
     "MoCoEncoder",
     "MoCoRetrievalError",
+    "SearchResult",
     "SourceError",
     "UnsafeCheckpointError",
+    "UpdateReport",
     "convert",
     "iter_embeddings",
     "load_image",

@@ -1,0 +1,565 @@
+"""`ImageIndex`: an incremental, crash-safe FAISS index over an image folder, pinned to its encoder.
+
+The store (SQLite) is the source of truth; the FAISS file is derived from the stored embeddings
+and rebuilt from them — never by the model — when it is missing, corrupt or stale. See
+:mod:`mocoretrieval.layout` for what the index directory holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from . import ann, embed
+from .data import load_image, walk_images
+from .errors import IndexFormatError, MoCoRetrievalError, ModelMismatchError
+from .layout import (
+    DATABASE,
+    DEFAULT_DIRNAME,
+    FAISS_FILE,
+    FORMAT_VERSION,
+    MANIFEST,
+    UpdateLock,
+    find_index_dir,
+    now,
+    read_manifest,
+    write_json_atomic,
+)
+from .store import FileStat, Store
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
+
+# Cosine similarity above which two images count as near-duplicates: resized or re-encoded
+# copies of a photo score close to 1 with self-supervised ResNet features; lower it for looser
+# matches (crops, edits).
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+
+Query = str | os.PathLike | Image.Image | np.ndarray
+
+
+class SearchResult(NamedTuple):
+    """One hit: the image's absolute path and its cosine similarity to the query."""
+
+    path: str
+    score: float
+
+
+@dataclass
+class UpdateReport:
+    """What one :meth:`ImageIndex.update` did. Paths are relative to the root."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+
+def _model_source(model: str | os.PathLike) -> str:
+    """A model source as the manifest keeps it: local paths made absolute, aliases as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def _load_encoder(model: Any, device: str | None) -> tuple[Any, str | None]:
+    """``(encoder, source)`` from a source string/path or an encoder object."""
+    if isinstance(model, (str, os.PathLike)):
+        from .sources import load
+
+        source = _model_source(model)
+        return load(source, device=embed.resolve_device(device)), source
+    return model, getattr(model, "source", None)
+
+
+class ImageIndex:
+    """A searchable, incrementally updated index of every image under a root folder.
+
+    Use :meth:`build` (create or reuse, then update), :meth:`create` or :meth:`open`; the
+    constructor is internal.
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        manifest: dict[str, Any],
+        encoder: Any = None,
+        device: str | None = None,
+    ) -> None:
+        self.path = index_dir
+        self.manifest = manifest
+        root = Path(manifest["root"])
+        self.root = root if root.is_absolute() else (index_dir / root).resolve()
+        self.dim = int(manifest["encoder"]["dim"])
+        self.store = Store(index_dir / DATABASE, self.dim)
+        self._encoder = encoder
+        self._device = device
+        self._ann: Any = None
+        self._ann_generation = -1
+        self.last_report: UpdateReport | None = None
+
+    # --- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        model: Any = None,
+        index_dir: str | Path | None = None,
+        *,
+        index_type: str | None = None,
+        rebuild: bool = False,
+        device: str | None = None,
+    ) -> ImageIndex:
+        """Creates the index of ``root``, or reuses the one already there.
+
+        Args:
+            root: the image folder.
+            model: a model source (alias, directory, Hub id, checkpoint) or an encoder. None:
+                the existing index's model, or :data:`~mocoretrieval.sources.DEFAULT_MODEL`.
+            index_dir: where the index lives; default ``root/.mocoretrieval``.
+            index_type: a FAISS factory string; None keeps the existing choice (automatic for a
+                new index).
+            rebuild: forget every embedding and start over (e.g. with another model).
+            device: torch device for the model; None picks one.
+
+        Raises:
+            ModelMismatchError: ``model`` is not the model the existing index was built with.
+        """
+        root = Path(root).expanduser().resolve()
+        if not root.is_dir():
+            raise MoCoRetrievalError(f"{root} is not a folder: pass the folder of images to index")
+        index_dir = Path(index_dir).expanduser().resolve() if index_dir else root / DEFAULT_DIRNAME
+        if (index_dir / MANIFEST).is_file():
+            index = cls.open(index_dir, device=device)
+            if index.root != root:
+                raise MoCoRetrievalError(
+                    f"the index at {index_dir} is the index of {index.root}, not of {root}: "
+                    "pass another --index DIR"
+                )
+            if rebuild:
+                index._reset(model)
+            elif model is not None:
+                index._use_encoder(
+                    model,
+                    hint="use a new --index DIR, or --rebuild to re-embed "
+                    "every image with the new model",
+                )
+            if index_type is not None and index_type != index.manifest["index_type"]:
+                ann.check_factory(index_type, index.dim)
+                index.manifest["index_type"] = index_type
+                index._save_manifest()
+            return index
+        if index_dir.exists() and any(index_dir.iterdir()):
+            raise MoCoRetrievalError(
+                f"{index_dir} exists and is not a mocoretrieval index: pass another --index DIR"
+            )
+        from .sources import DEFAULT_MODEL
+
+        encoder, source = _load_encoder(model if model is not None else DEFAULT_MODEL, device)
+        if index_type is not None:
+            ann.check_factory(index_type, int(encoder.dim))
+        inside = index_dir == root or root in index_dir.parents
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            # Relative when inside the root, so the folder can be moved with its index.
+            "root": os.path.relpath(root, index_dir) if inside else str(root),
+            "encoder": cls._encoder_entry(encoder, source),
+            "metric": "inner_product",
+            "index_type": index_type or "auto",
+            "faiss": None,
+            "created": now(),
+            "last_update": None,
+        }
+        index_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(index_dir / MANIFEST, manifest)
+        return cls(index_dir, manifest, encoder=encoder, device=device)
+
+    @classmethod
+    def build(
+        cls,
+        root: str | Path,
+        model: Any = None,
+        index_dir: str | Path | None = None,
+        *,
+        index_type: str | None = None,
+        rebuild: bool = False,
+        batch_size: int = 32,
+        workers: int | None = None,
+        device: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ImageIndex:
+        """:meth:`create` then :meth:`update`; the update's report is in ``.last_report``."""
+        index = cls.create(
+            root, model, index_dir, index_type=index_type, rebuild=rebuild, device=device
+        )
+        index.update(batch_size=batch_size, workers=workers, device=device, progress=progress)
+        return index
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, model: Any = None, device: str | None = None):
+        """Opens an existing index.
+
+        Args:
+            path: the index directory, or a root folder holding ``.mocoretrieval``; None looks
+                in the current directory and its parents.
+            model: the encoder (or its source) to search with; checked against the one the
+                index was built with. None loads that one when first needed.
+            device: torch device for the model.
+
+        Raises:
+            IndexFormatError: no index there, or one of a newer format.
+            ModelMismatchError: ``model`` is another model than the index's.
+        """
+        index_dir = find_index_dir(path)
+        index = cls(index_dir, read_manifest(index_dir), device=device)
+        if model is not None:
+            index._use_encoder(
+                model,
+                hint="search it with the model it was built with, or "
+                "re-index with `mocoretrieval index ROOT --model ... --rebuild`",
+            )
+        return index
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.store.count()
+
+    # --- the encoder ----------------------------------------------------------------------
+
+    @staticmethod
+    def _encoder_entry(encoder: Any, source: str | None) -> dict[str, Any]:
+        return {
+            "source": source,
+            "weights_hash": encoder.weights_hash(),
+            "config": getattr(encoder, "config", None),
+            "dim": int(encoder.dim),
+        }
+
+    @property
+    def encoder(self) -> Any:
+        """The index's encoder, loaded from its recorded source on first use."""
+        if self._encoder is None:
+            source = self.manifest["encoder"]["source"]
+            if source is None:
+                raise ModelMismatchError(
+                    f"the index at {self.path} was built with an encoder that was never saved; "
+                    "pass it with ImageIndex.open(path, model=encoder)"
+                )
+            self._use_encoder(
+                source,
+                hint="the model at that source changed since indexing; re-index with --rebuild",
+            )
+        return self._encoder
+
+    def _use_encoder(self, model: Any, hint: str) -> None:
+        encoder, source = _load_encoder(model, self._device)
+        pinned = self.manifest["encoder"]
+        if encoder.weights_hash() != pinned["weights_hash"]:
+            raise ModelMismatchError(
+                f"the index at {self.path} was built with {pinned['source']} (weights "
+                f"{pinned['weights_hash'][:12]}), not with {source} (weights "
+                f"{encoder.weights_hash()[:12]}): {hint}"
+            )
+        self._encoder = encoder
+
+    def _reset(self, model: Any) -> None:
+        encoder, source = _load_encoder(
+            model if model is not None else self.manifest["encoder"]["source"], self._device
+        )
+        self.store.clear()  # first: a crash after it leaves an empty index, never a mixed one
+        self.dim = self.store.dim = int(encoder.dim)  # the store is empty: any dim fits
+        self.manifest["encoder"] = self._encoder_entry(encoder, source)
+        self.manifest["faiss"] = None
+        self._save_manifest()
+        self._encoder, self._ann = encoder, None
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+
+    # --- updating -------------------------------------------------------------------------
+
+    def update(
+        self,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        device: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> UpdateReport:
+        """Brings the index in line with the folder: embeds new and changed files (by size and
+        mtime), forgets deleted ones, and leaves the rest alone.
+
+        Each batch is committed as it is embedded, so an interrupted update keeps its work and
+        the next one continues from there. An unchanged folder costs a walk and no model work.
+
+        Args:
+            batch_size: images per forward pass (and per commit).
+            workers: decoding processes; None picks, 0 decodes in this process.
+            device: torch device; None picks CUDA when available, else CPU.
+            progress: called as ``progress(done, total)`` after each batch of files to embed.
+        """
+        t0 = time.perf_counter()
+        report = UpdateReport()
+        with UpdateLock(self.path):
+            stats = self._walk()
+            known = self.store.files()
+            report.removed = sorted(set(known) - set(stats))
+            self.store.remove(report.removed)
+            todo = [p for p, st in stats.items() if p not in known or known[p][:2] != tuple(st)]
+            if todo:
+                done = 0
+                batches = embed.iter_embeddings(
+                    self.encoder,
+                    self.root,
+                    todo,
+                    batch_size=batch_size,
+                    workers=workers,
+                    device=device or self._device,
+                )
+                for batch in batches:
+                    skipped = [(p, reason, stats[p]) for p, reason in batch.skipped]
+                    self.store.add_batch(
+                        batch.paths, batch.vectors, [stats[p] for p in batch.paths], skipped
+                    )
+                    for p in batch.paths:
+                        (report.updated if p in known else report.added).append(p)
+                    for p, reason in batch.skipped:
+                        report.skipped.setdefault(reason, []).append(p)
+                    done += len(batch.paths) + len(batch.skipped)
+                    if progress is not None:
+                        progress(done, len(todo))
+            self._refresh_ann(save=True)
+            self.manifest["last_update"] = now()
+            self._save_manifest()
+        report.seconds = time.perf_counter() - t0
+        n = len(report.added) + len(report.updated) + report.num_skipped
+        report.images_per_s = n / report.seconds if n else 0.0
+        self.last_report = report
+        log.info(
+            "update: %d added, %d updated, %d removed, %d skipped",
+            len(report.added),
+            len(report.updated),
+            len(report.removed),
+            report.num_skipped,
+        )
+        return report
+
+    def _walk(self) -> dict[str, FileStat]:
+        """Every image under the root with its size and mtime; files that vanish are left out."""
+        stats: dict[str, FileStat] = {}
+        for rel in walk_images(self.root, exclude=[self.path]):
+            try:
+                st = os.stat(self.root / rel)
+            except OSError:
+                continue
+            stats[rel] = FileStat(st.st_size, st.st_mtime_ns)
+        return stats
+
+    # --- the FAISS index, derived from the stored vectors ---------------------------------
+
+    def _faiss_entry_fresh(self, generation: int) -> bool:
+        entry = self.manifest.get("faiss")
+        file = self.path / FAISS_FILE
+        return bool(
+            entry
+            and entry["generation"] == generation
+            and entry["requested"] == self.manifest["index_type"]
+            and file.is_file()
+            and file.stat().st_size == entry["bytes"]
+        )
+
+    def _refresh_ann(self, *, save: bool, load: bool = False) -> None:
+        """Makes sure ``index.faiss`` matches the database, rebuilding it from the stored
+        vectors when it is missing, corrupt or stale. ``load`` also loads it for searching."""
+        generation = self.store.generation  # before the vectors: a later write means stale
+        if self._ann is not None and self._ann_generation == generation:
+            return
+        if self._faiss_entry_fresh(generation):
+            if not load:
+                return
+            try:
+                index = ann.load(self.path / FAISS_FILE)
+                if index.ntotal == self.store.count() and index.d == self.dim:
+                    ann.set_params(index, self.manifest["faiss"]["params"])
+                    self._ann, self._ann_generation = index, generation
+                    return
+                log.warning(
+                    "%s holds %d vectors, the database %d: rebuilding it",
+                    FAISS_FILE,
+                    index.ntotal,
+                    self.store.count(),
+                )
+            except IndexFormatError as e:
+                log.warning("%s; rebuilding it from the stored vectors", e)
+        self._rebuild_ann(generation, save=save)
+
+    def _rebuild_ann(self, generation: int, *, save: bool) -> None:
+        ids, vectors = self.store.all_vectors()
+        requested = self.manifest["index_type"]
+        factory = ann.auto_factory(len(ids), self.dim) if requested == "auto" else requested
+        built = ann.build(ids, vectors, factory)
+        log.info(
+            "built %s over %d vectors in %.1f s (%s)",
+            factory,
+            len(ids),
+            built.seconds,
+            built.params,
+        )
+        self._ann, self._ann_generation = built.index, generation
+        if not save:
+            return
+        try:
+            size = ann.save(built.index, self.path / FAISS_FILE)
+        except OSError as e:  # a read-only index still searches, from memory
+            log.warning("cannot save %s: %s", self.path / FAISS_FILE, e)
+            return
+        self.manifest["faiss"] = {
+            "factory": factory,
+            "requested": requested,
+            "params": built.params,
+            "recall_at_10": built.recall,
+            "generation": generation,
+            "ntotal": int(built.index.ntotal),
+            "bytes": size,
+        }
+        self._save_manifest()
+
+    def _ann_index(self) -> Any:
+        self._refresh_ann(save=os.access(self.path, os.W_OK), load=True)
+        return self._ann
+
+    # --- searching ------------------------------------------------------------------------
+
+    def embed_queries(self, queries: Sequence[Query]) -> np.ndarray:
+        """(len(queries), D) L2-normalised query vectors from images, file paths or vectors."""
+        out = np.empty((len(queries), self.dim), dtype=np.float32)
+        images: list[tuple[int, Image.Image]] = []
+        for i, q in enumerate(queries):
+            if isinstance(q, Image.Image):
+                images.append((i, q))
+            elif isinstance(q, (str, os.PathLike)):
+                images.append(
+                    (i, load_image(q, min_side=getattr(self.encoder, "resize_size", None)))
+                )
+            else:
+                v = np.asarray(q, dtype=np.float32).reshape(-1)
+                if v.shape[0] != self.dim:
+                    raise ModelMismatchError(
+                        f"query vector has {v.shape[0]} dimensions; the index holds "
+                        f"{self.dim}-d embeddings of {self.manifest['encoder']['source']}"
+                    )
+                out[i] = v
+        for start in range(0, len(images), 32):
+            chunk = images[start : start + 32]
+            out[[i for i, _ in chunk]] = self.encoder.embed([im for _, im in chunk])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise MoCoRetrievalError("a query vector is all zeros; it cannot be searched")
+        return out / norms
+
+    def search(self, query: Query, k: int = 10) -> list[SearchResult]:
+        """The ``k`` images most similar to ``query`` (an image, a file path or a vector)."""
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: Sequence[Query], k: int = 10) -> list[list[SearchResult]]:
+        """:meth:`search` for several queries at once (faster than one by one)."""
+        if k < 1:
+            raise MoCoRetrievalError(f"k must be at least 1, got {k}")
+        vectors = self.embed_queries(list(queries))
+        index = self._ann_index()
+        if index.ntotal == 0:
+            return [[] for _ in queries]
+        scores, ids = index.search(vectors, min(k, index.ntotal))
+        paths = self.store.paths_of(ids.ravel())
+        return [
+            [
+                SearchResult(str(self.root / paths[i]), float(s))
+                for s, i in zip(row_s, row_i)
+                if i in paths
+            ]
+            for row_s, row_i in zip(scores, ids)
+        ]
+
+    def duplicates(
+        self, threshold: float = DEFAULT_DUPLICATE_THRESHOLD, *, batch: int = 1024
+    ) -> list[list[SearchResult]]:
+        """Groups of near-duplicate images: similarity at least ``threshold`` to some member.
+
+        A range search (or a k-NN search for index types without one) per stored vector,
+        ``batch`` vectors at a time — never an N x N matrix. Groups are the connected components
+        of the "similar enough" pairs, largest first; each member's score is its best similarity
+        to another member.
+        """
+        index = self._ann_index()
+        parent: dict[int, int] = {}
+        best: dict[int, float] = {}
+
+        def find(i: int) -> int:
+            while parent.setdefault(i, i) != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for ids, vectors in self.store.iter_vectors(batch):
+            for qid, nid, score in ann.pairs_above(index, ids, vectors, threshold):
+                parent[find(qid)] = find(nid)
+                best[qid] = max(best.get(qid, -1.0), score)
+                best[nid] = max(best.get(nid, -1.0), score)
+        groups: dict[int, list[int]] = {}
+        for i in best:
+            groups.setdefault(find(i), []).append(i)
+        paths = self.store.paths_of(best)
+        out = [
+            sorted(
+                (SearchResult(str(self.root / paths[i]), best[i]) for i in members if i in paths),
+                key=lambda r: (-r.score, r.path),
+            )
+            for members in groups.values()
+        ]
+        return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0].path))
+
+    def info(self) -> dict[str, Any]:
+        """Model, count, dimension, index type, last update and skipped files."""
+        faiss_entry = self.manifest.get("faiss") or {}
+        encoder = self.manifest["encoder"]
+        return {
+            "root": str(self.root),
+            "index_dir": str(self.path),
+            "format_version": self.manifest["format_version"],
+            "model": encoder["source"],
+            "weights_hash": encoder["weights_hash"],
+            "count": self.store.count(),
+            "dim": self.dim,
+            "metric": self.manifest["metric"],
+            "index_type": faiss_entry.get("factory"),
+            "requested_index_type": self.manifest["index_type"],
+            "search_params": faiss_entry.get("params", {}),
+            "recall_at_10": faiss_entry.get("recall_at_10"),
+            "created": self.manifest["created"],
+            "last_update": self.manifest["last_update"],
+            "skipped": self.store.skipped(),
+        }

@@ -1,0 +1,120 @@
+"""The on-disk layout of an index directory: file names, the versioned manifest, the lock.
+
+An index directory (by default ``ROOT/.mocoretrieval/``) holds:
+
+- ``manifest.json``: format version, the root, the encoder (source, weights hash, config, dim),
+  metric, requested index type, and the state of ``index.faiss`` (factory, search parameters,
+  the store generation it was built from, its size). Replaced atomically.
+- ``index.db``: the SQLite :class:`~mocoretrieval.store.Store` — files and their embeddings,
+  committed batch by batch. It is the source of truth.
+- ``index.faiss``: derived from the stored embeddings; rebuilt (never by the model) when it is
+  missing, corrupt or older than the database. Replaced atomically.
+- ``lock``: held while an update runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import IndexFormatError, MoCoRetrievalError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+# Bump when a change would make an older mocoretrieval misread the index; older versions
+# then refuse it with a message instead of returning wrong results.
+FORMAT_VERSION = 1
+DEFAULT_DIRNAME = ".mocoretrieval"
+MANIFEST, DATABASE, FAISS_FILE, LOCK_FILE = "manifest.json", "index.db", "index.faiss", "lock"
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Writes JSON to a temporary file, syncs it, then renames it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_index_dir(path: str | Path | None = None) -> Path:
+    """The index directory at ``path``: the directory itself, or ``path/.mocoretrieval``.
+
+    With ``path`` None, looks in the current directory and its parents, like git does.
+
+    Raises:
+        IndexFormatError: no index there.
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        for candidate in (path, path / DEFAULT_DIRNAME):
+            if (candidate / MANIFEST).is_file():
+                return candidate.resolve()
+        raise IndexFormatError(
+            f"no index at {path}: build one with `mocoretrieval index ROOT` "
+            "(and pass its folder with --index)"
+        )
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_DIRNAME / MANIFEST).is_file():
+            return folder / DEFAULT_DIRNAME
+    raise IndexFormatError(
+        f"no index found in {here} or its parents: build one with `mocoretrieval index ROOT` "
+        "or pass --index DIR"
+    )
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    """Reads the manifest; refuses one of a newer format with a message that says to upgrade."""
+    try:
+        manifest = json.loads((index_dir / MANIFEST).read_text())
+        version = int(manifest["format_version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IndexFormatError(
+            f"{index_dir / MANIFEST} is unreadable ({e}); delete {index_dir} and index again"
+        ) from e
+    if version > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"the index at {index_dir} has format version {version}; this mocoretrieval reads "
+            f"up to {FORMAT_VERSION}: upgrade with `pip install -U mocoretrieval`"
+        )
+    return manifest
+
+
+class UpdateLock:
+    """An exclusive lock on the index directory while updating; released by the OS on a crash."""
+
+    def __init__(self, index_dir: Path) -> None:
+        self.file = index_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; SQLite still serialises the writes
+            return self
+        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise MoCoRetrievalError(
+                f"another `mocoretrieval index` is updating {self.file.parent}; wait for it to end"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
