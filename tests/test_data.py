@@ -287,7 +287,7 @@ def test_dataset_and_collate_keep_failures_aside(tmp_path):
     make_broken_files(tmp_path)
     _save(tmp_path / "good.png", Image.fromarray(_texture(8, 8)))
     rel = walk_images(tmp_path)
-    ds = ImageFileDataset(tmp_path, rel, transform=to_tensor, min_side=4)
+    ds = ImageFileDataset(tmp_path, rel, transform=to_tensor, min_side=5)
     items = [ds[i] for i in range(len(ds))]
     batch = collate(items)
     assert [rel[i] for i in batch.indices] == ["good.png"]
