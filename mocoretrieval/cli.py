@@ -7,7 +7,9 @@ Each subcommand is a small `_cmd_*` function; `main` parses, dispatches, and tur
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -34,8 +36,195 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+# --- the main job: index, search, duplicates, info ------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar with images/s on stderr, shown only on a terminal and without --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _shown(path: str) -> str:
+    """A result path as the table shows it: relative to the current folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import ImageIndex
+
+    index = ImageIndex.create(
+        args.root, args.model, args.index, index_type=args.index_type, rebuild=args.rebuild,
+        device=args.device,
+    )
+    progress = _Progress(args.quiet)
+    try:
+        report = index.update(
+            batch_size=args.batch_size, workers=args.workers, device=args.device, progress=progress
+        )
+    finally:
+        progress.close()
+    info = index.info()
+    print(f"indexed {index.root} into {index.path}: {info['count']} images, {info['index_type']}")
+    print(
+        f"added {len(report.added)}, updated {len(report.updated)}, removed "
+        f"{len(report.removed)}, skipped {report.num_skipped} in {report.seconds:.1f} s "
+        f"({report.images_per_s:.1f} images/s)"
+    )
+    shown = 0
+    for reason, paths in sorted(report.skipped.items()):
+        for path in paths:
+            if shown < 20:
+                print(f"  skipped {path}: {reason}")
+            shown += 1
+    if shown > 20:
+        print(f"  ... and {shown - 20} more: see `mocoretrieval info`")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .index import ImageIndex
+
+    index = ImageIndex.open(args.index, device=args.device)
+    results = index.search_batch(args.images, k=args.k)
+    if args.json:
+        out = [
+            {"query": q, "results": [{"path": r.path, "score": round(r.score, 6)} for r in rs]}
+            for q, rs in zip(args.images, results)
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    for q, rs in zip(args.images, results):
+        print(f"{q}:")
+        print(f"  {'rank':>4}  {'score':>6}  path")
+        for rank, r in enumerate(rs, 1):
+            print(f"  {rank:>4}  {r.score:6.4f}  {_shown(r.path)}")
+    return 0
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from .index import ImageIndex
+
+    groups = ImageIndex.open(args.index).duplicates(args.threshold)
+    if args.json:
+        out = [[{"path": r.path, "score": round(r.score, 6)} for r in g] for g in groups]
+        print(json.dumps(out, indent=2))
+        return 0
+    for i, group in enumerate(groups, 1):
+        print(f"group {i}: {len(group)} images")
+        for r in group:
+            print(f"  {r.score:6.4f}  {_shown(r.path)}")
+    print(f"{len(groups)} groups of near-duplicates (similarity >= {args.threshold})")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .index import ImageIndex
+
+    info = ImageIndex.open(args.index).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    skipped = info.pop("skipped")
+    for key, value in info.items():
+        print(f"{key + ':':<22}{value}")
+    print(f"{'skipped:':<22}{len(skipped)}")
+    for path, reason in skipped.items():
+        print(f"  {path}: {reason}")
+    return 0
+
+
+_INDEX_HELP = "index directory or indexed folder (default: found here or in a parent folder)"
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="index (or update the index of) a folder of images",
+        description="Embed every image under ROOT and build a FAISS index. Re-run it as photos "
+        "come and go: only new and changed files are embedded, deleted ones are removed, and an "
+        "interrupted run continues where it stopped.",
+    )
+    p.add_argument("root", help="the folder of images")
+    p.add_argument("--index", metavar="DIR", help="index directory (default ROOT/.mocoretrieval)")
+    p.add_argument(
+        "--model",
+        metavar="SOURCE",
+        help="encoder: alias, directory, Hub id or checkpoint (default: the index's model, or "
+        "moco-v3-r50-1000ep for a new index)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: automatic; 0: none)")
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: automatic)")
+    p.add_argument(
+        "--index-type",
+        metavar="FACTORY",
+        help="FAISS factory string, e.g. Flat, IVF4096,Flat, HNSW32,Flat (default: exact search "
+        "up to 50k images, then IVF tuned for recall@10 >= 0.95)",
+    )
+    p.add_argument("--rebuild", action="store_true", help="forget every embedding and start over")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="find the images most similar to query images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
+    p.add_argument("--device", help="torch device for the model (default: automatic)")
+    p.add_argument("--json", action="store_true", help='print [{"query", "results": [{"path", '
+                   '"score"}]}] instead of a table')
+    p.set_defaults(func=_cmd_search)
+
+
+def _add_duplicates(sub: argparse._SubParsersAction) -> None:
+    from .index import DEFAULT_DUPLICATE_THRESHOLD
+
+    p = sub.add_parser("duplicates", help="groups of near-duplicate images in an index")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_DUPLICATE_THRESHOLD,
+        help=f"cosine similarity that makes a pair near-duplicates (default "
+        f"{DEFAULT_DUPLICATE_THRESHOLD})",
+    )
+    p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
+    p.add_argument("--json", action="store_true", help='print [[{"path", "score"}, ...], ...]')
+    p.set_defaults(func=_cmd_duplicates)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="model, size, index type, last update and skipped files")
+    p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=_cmd_info)
+
+
 # Subcommand registrars, in the order `--help` lists them. Features add theirs here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_convert,
+    _add_index,
+    _add_search,
+    _add_duplicates,
+    _add_info,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -329,6 +329,7 @@ def test_kill_9_mid_run_then_rerun_has_every_file_exactly_once(tmp_path):
 
     rerun = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr == ""  # --quiet, and no terminal: no progress bar
     index = ImageIndex.open(root)
     counts = re.match(
         r"added (\d+), updated 0, removed 0, skipped (\d+)", rerun.stdout.split("\n")[1]

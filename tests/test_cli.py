@@ -1,0 +1,168 @@
+"""The `mocoretrieval` command: index, search, duplicates, info through main(argv) and as a
+subprocess; the JSON schemas; user errors as one line on stderr with exit status 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images, make_tiny_encoder
+
+from mocoretrieval.cli import main
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """A folder indexed through `mocoretrieval index`, and the output of that run."""
+    tmp = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    make_tiny_encoder().save_pretrained(tmp / "encoder")
+    root = tmp / "photos"
+    make_images(root, 8)
+    make_images(root / "sub", 4, seed=1)
+    shutil.copy(root / "img_0001.png", root / "sub" / "copy.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root, tmp / "encoder"
+
+
+def _index(root: Path, encoder: Path, *extra: str) -> int:
+    return main(["index", str(root), "--model", str(encoder), "--workers", "0", "-q", *extra])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_index_prints_a_summary_and_a_rerun_does_nothing(indexed, capsys):
+    root, encoder = indexed
+    capsys.readouterr()
+    assert _index(root, encoder) == 0
+    out = capsys.readouterr().out
+    assert f"indexed {root}" in out and "13 images, Flat" in out
+    assert "added 13, updated 0, removed 0, skipped 1 in " in out and "images/s" in out
+    assert "skipped broken.jpg: not an image" in out
+    assert _index(root, encoder) == 0
+    assert "added 0, updated 0, removed 0, skipped 0" in capsys.readouterr().out
+
+
+def test_search_json_schema(indexed, capsys):
+    root, encoder = indexed
+    _index(root, encoder)
+    queries = [str(root / "img_0002.jpg"), str(root / "sub" / "img_0003.png")]
+    capsys.readouterr()
+    assert main(["search", *queries, "-k", "4", "--index", str(root), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and len(out) == 2
+    for query, entry in zip(queries, out):
+        assert set(entry) == {"query", "results"} and entry["query"] == query
+        assert len(entry["results"]) == 4
+        for hit in entry["results"]:
+            assert set(hit) == {"path", "score"}
+            assert isinstance(hit["score"], float) and Path(hit["path"]).is_file()
+        scores = [hit["score"] for hit in entry["results"]]
+        assert scores == sorted(scores, reverse=True)
+        assert entry["results"][0]["path"] == query
+
+
+def test_search_table_finds_the_index_from_the_current_folder(indexed, capsys, monkeypatch):
+    root, encoder = indexed
+    _index(root, encoder)
+    monkeypatch.chdir(root / "sub")  # the index is in a parent folder
+    capsys.readouterr()
+    assert main(["search", "img_0000.jpg", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "img_0000.jpg:" and lines[1].split() == ["rank", "score", "path"]
+    rank, score, path = lines[2].split()
+    assert (rank, path) == ("1", "img_0000.jpg") and float(score) == pytest.approx(1, abs=1e-4)
+
+
+def test_duplicates_json_and_table(indexed, capsys):
+    root, encoder = indexed
+    _index(root, encoder)
+    capsys.readouterr()
+    assert main(["duplicates", "--threshold", "0.99999", "--index", str(root), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    assert [sorted(Path(hit["path"]).name for hit in g) for g in groups] == [
+        ["copy.png", "img_0001.png"]
+    ]
+    assert all(set(hit) == {"path", "score"} for hit in groups[0])
+    assert main(["duplicates", "--threshold", "0.99999", "--index", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "group 1: 2 images" in out and "1 groups of near-duplicates" in out
+
+
+def test_info(indexed, capsys):
+    root, encoder = indexed
+    _index(root, encoder)
+    capsys.readouterr()
+    assert main(["info", "--index", str(root / ".mocoretrieval")]) == 0
+    out = capsys.readouterr().out
+    for field in ("model:", "count:", "dim:", "index_type:", "last_update:", "skipped:"):
+        assert field in out
+    assert "broken.jpg: not an image" in out
+    assert main(["info", "--index", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["count"] == 13 and info["model"] == str(encoder.resolve())
+    assert info["skipped"] == {"broken.jpg": "not an image"}
+
+
+def test_user_errors_are_one_line_and_status_1(indexed, tmp_path, capsys, monkeypatch):
+    root, encoder = indexed
+    _index(root, encoder)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+
+    assert main(["search", str(root / "img_0000.jpg")]) == 1  # no index here or above
+    assert "mocoretrieval index" in _error_line(capsys)
+    assert main(["info", "--index", str(tmp_path)]) == 1
+    _error_line(capsys)
+    assert main(["index", str(tmp_path / "missing"), "-q"]) == 1
+    assert "not a folder" in _error_line(capsys)
+    assert main(["search", str(tmp_path / "nope.jpg"), "--index", str(root)]) == 1
+    assert "nope.jpg" in _error_line(capsys)
+    assert _index(root, encoder, "--index-type", "NotAFactory") == 1
+    assert "factory" in _error_line(capsys)
+
+    torch.manual_seed(1)
+    make_tiny_encoder().save_pretrained(tmp_path / "other")
+    assert _index(root, tmp_path / "other") == 1
+    line = _error_line(capsys)
+    assert "--rebuild" in line and "--index" in line
+
+
+def test_as_a_subprocess(indexed, tmp_path):
+    root, encoder = indexed
+    _index(root, encoder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mocoretrieval"]
+    query = str(root / "img_0004.jpg")
+    run = subprocess.run(
+        [*cmd, "search", query, "-k", "1", "--index", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert json.loads(run.stdout) == [
+        {"query": query, "results": [{"path": query, "score": pytest.approx(1, abs=1e-4)}]}
+    ]
+    run = subprocess.run(
+        [*cmd, "info", "--index", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("error: no index at") and run.stderr.count("\n") == 1
