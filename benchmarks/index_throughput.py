@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
         f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
-        f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} "
-        f"torch threads; load average before the run {load_before:.2f}; best of "
-        f"{args.rounds} interleaved rounds."
+        f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads; load average before the run "
+        f"{load_before:.2f}; best of {args.rounds} interleaved rounds."
     )
     table = "\n".join(lines)
     print()
