@@ -1,0 +1,332 @@
+"""The onnxruntime backend: `OnnxEncoder`, the export cache, and the torch/onnx choice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import RESNETS, VITS
+from .encoder import MoCoEncoder
+from .errors import BackendError
+from .onnx_export import (
+    FORMAT_VERSION,
+    _parse_metadata,
+    _session,
+    export_onnx,
+    read_metadata,
+    sidecar_path,
+)
+
+__all__ = [
+    "BACKENDS",
+    "OnnxEncoder",
+    "cached_onnx",
+    "choose_backend",
+    "default_cache_dir",
+    "export_onnx",
+    "load_backend",
+    "read_metadata",
+    "sidecar_path",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "auto")
+QUANTIZATIONS = ("int8",)
+
+
+def default_cache_dir() -> Path:
+    """Where exported models are cached: ``$MOCORETRIEVAL_CACHE/onnx``, else ``~/.cache/...``."""
+    root = os.environ.get("MOCORETRIEVAL_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "mocoretrieval" / "onnx"
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# --- the encoder ----------------------------------------------------------------------------
+
+
+class OnnxEncoder:
+    """An exported encoder run by onnxruntime, with :class:`MoCoEncoder`'s embedding protocol.
+
+    ``preprocess``, ``input_size``, ``dim``, ``config`` and ``weights_hash()`` are those of the
+    source encoder, so an index built with either backend is searchable with the other.
+
+    Args:
+        path: an ``.onnx`` file written by :func:`export_onnx` (or quantized from one).
+        threads: onnxruntime intra-op threads; default, every core this process may use.
+        device: ``cpu``, or ``cuda`` when onnxruntime was built with the CUDA provider.
+        config: replaces the file's encoder config, e.g. with the ``source`` the weights were
+            just loaded from when a cached export (keyed by weights, not source) is reused.
+    """
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        device: str = "cpu",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BackendError(f"no ONNX model at {self.path}; write one with `export-onnx`")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or _available_cores()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(
+                    "this onnxruntime has no CUDA provider; use --backend torch on a GPU "
+                    "(or install onnxruntime-gpu)"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = _session(self.path, opts, providers)
+        self.meta = _parse_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
+        self._config = dict(config if config is not None else self.meta["config"])
+        self.input_name = self.meta.get("input_name", self.session.get_inputs()[0].name)
+        self.quantize: str | None = self.meta.get("quantize")
+
+    @classmethod
+    def from_file(cls, path: str | Path, threads: int | None = None) -> OnnxEncoder:
+        """Loads an exported model; preprocessing is rebuilt from the file's own metadata."""
+        return cls(path, threads=threads)
+
+    # The attributes MoCoEncoder has, read from the exported config.
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    @property
+    def arch(self) -> str:
+        return self._config["arch"]
+
+    @property
+    def input_size(self) -> int:
+        return int(self._config["input_size"])
+
+    @property
+    def resize_size(self) -> int:
+        return int(self._config["resize_size"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self._config["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self._config["std"])
+
+    @property
+    def source(self) -> str | None:
+        return self._config.get("source")
+
+    @property
+    def moco_version(self) -> str:
+        return self._config.get("moco_version", "v3")
+
+    @property
+    def embedding(self) -> str:
+        return self._config.get("embedding", "backbone")
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.arch in RESNETS
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch in VITS
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def preprocess(self):
+        """The evaluation transform, built from the exported config exactly as MoCoEncoder does."""
+        # Calling MoCoEncoder's own getter keeps one definition of the transform: both backends
+        # must see identical pixels for their embeddings to agree.
+        return MoCoEncoder.preprocess.fget(self)  # type: ignore[attr-defined]
+
+    def weights_hash(self) -> str:
+        """The source encoder's weights hash, so indexes pin the same model whatever the backend."""
+        return str(self.meta["weights_hash"])
+
+    def to(self, device: Any) -> OnnxEncoder:
+        """No-op, for code written for torch modules; the device is chosen at construction."""
+        return self
+
+    def eval(self) -> OnnxEncoder:
+        return self
+
+    def embed(
+        self, images: Sequence[Image.Image] | Image.Image | torch.Tensor | np.ndarray
+    ) -> np.ndarray:
+        """Embeds PIL images (any mode) or a preprocessed (N, 3, H, W) batch.
+
+        Returns:
+            float32 array of shape (N, D), each row L2-normalised.
+        """
+        if isinstance(images, torch.Tensor):
+            batch = images.detach().to("cpu", torch.float32).numpy()
+        elif isinstance(images, np.ndarray):
+            batch = images.astype(np.float32, copy=False)
+        else:
+            if isinstance(images, Image.Image):
+                images = [images]
+            tf = self.preprocess
+            batch = torch.stack([tf(im.convert("RGB")) for im in images]).numpy()
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+        # Normalised again outside the graph: int8 models round the in-graph normalisation.
+        out = out.astype(np.float32, copy=False)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def __repr__(self) -> str:
+        q = f", quantize={self.quantize!r}" if self.quantize else ""
+        return f"OnnxEncoder({self.arch}, dim={self.dim}, path={str(self.path)!r}{q})"
+
+
+# --- cache and backend choice ---------------------------------------------------------------
+
+
+def cache_key(encoder: MoCoEncoder, quantize: str | None = None) -> str:
+    """File stem of the cached export: the weights hash, plus a digest of what shapes the graph."""
+    graph = {k: v for k, v in encoder.config.items() if k not in ("source", "paper", "extra")}
+    graph["format_version"] = FORMAT_VERSION
+    digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:8]
+    stem = f"{encoder.weights_hash()[:32]}-{digest}"
+    return f"{stem}-{quantize}" if quantize else stem
+
+
+def cached_onnx(
+    encoder: MoCoEncoder,
+    cache_dir: str | Path | None = None,
+    quantize: str | None = None,
+    calibration_images: Iterable[str | Path | Image.Image] | None = None,
+) -> Path:
+    """The cached ONNX export of ``encoder``, exported (and quantized) on first use only.
+
+    The file is named by :func:`cache_key`, so changed weights give a new file and an old one is
+    never served for them.
+    """
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise BackendError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / f"{cache_key(encoder, quantize)}.onnx"
+    if _usable(path, encoder.weights_hash()):
+        logger.info("using cached ONNX model %s", path)
+        return path
+    if quantize is None:
+        return export_onnx(encoder, path)
+    from .onnx_quantize import quantize_int8
+
+    if calibration_images is None:
+        raise BackendError(
+            "int8 quantization is calibrated on your images, and no int8 model is cached for "
+            "this encoder yet: run `mocoretrieval index ... --quantize int8` first"
+        )
+    fp32 = cached_onnx(encoder, cache_dir)
+    return quantize_int8(fp32, path, calibration_images)
+
+
+def _usable(path: Path, weights_hash: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return read_metadata(path).get("weights_hash") == weights_hash
+    except (BackendError, ValueError) as e:
+        logger.warning("ignoring unusable cached model %s: %s", path, e)
+        return False
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def choose_backend(backend: str = "auto", device: str | None = None) -> tuple[str, str]:
+    """Resolves ``(backend, device)``: ``auto`` is onnxruntime on CPU and torch on a GPU.
+
+    On CPU onnxruntime's fused kernels embed 1.7-2.8x faster than torch eager (issue 6,
+    benchmarks/RESULTS.md); on a GPU torch is the well-trodden path.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device is None:
+        # An explicit onnx backend runs where onnxruntime's default build runs: the CPU.
+        device = "cuda" if backend != "onnx" and _cuda_available() else "cpu"
+    device = str(device)
+    if backend == "auto":
+        backend = "torch" if device.startswith("cuda") else "onnx"
+    return backend, device
+
+
+def load_backend(
+    source: str | Path | MoCoEncoder | OnnxEncoder,
+    backend: str = "auto",
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    quantize: str | None = None,
+    calibration_images: Iterable[str | Path | Image.Image] | None = None,
+    threads: int | None = None,
+) -> MoCoEncoder | OnnxEncoder:
+    """Loads an encoder for embedding with the chosen backend.
+
+    Args:
+        source: a model source :meth:`MoCoEncoder.from_pretrained` accepts, a loaded encoder,
+            or an ``.onnx`` file written by :func:`export_onnx`.
+        backend: ``torch``, ``onnx`` or ``auto`` (see :func:`choose_backend`).
+        device: ``cpu``, ``cuda``...; default, a GPU when there is one.
+        cache_dir: where exports are cached; default :func:`default_cache_dir`.
+        quantize: ``int8`` for a statically quantized onnxruntime model (implies onnx).
+        calibration_images: images (paths or PIL) to calibrate int8 on, needed the first time.
+        threads: onnxruntime intra-op threads; default, all cores.
+
+    Returns:
+        A :class:`MoCoEncoder` (torch) or an :class:`OnnxEncoder`; both have ``embed``,
+        ``preprocess``, ``dim`` and ``weights_hash``.
+    """
+    if quantize is not None and backend == "torch":
+        raise BackendError("--quantize int8 runs on onnxruntime; use --backend onnx or auto")
+    backend, device = choose_backend("onnx" if quantize and backend == "auto" else backend, device)
+    onnx_file = isinstance(source, (str, Path)) and str(source).endswith(".onnx")
+    if isinstance(source, OnnxEncoder) or onnx_file:
+        if backend == "torch":
+            raise BackendError(f"{source} is an ONNX model; use --backend onnx or auto with it")
+        if quantize is not None:
+            raise BackendError("--quantize applies to a model source, not to an .onnx file")
+        if isinstance(source, OnnxEncoder):
+            return source
+        return OnnxEncoder(source, threads=threads, device=device)
+    if isinstance(source, MoCoEncoder):
+        encoder = source
+    else:
+        encoder = MoCoEncoder.from_pretrained(source, device="cpu" if backend == "onnx" else device)
+    if backend == "torch":
+        return encoder.to(device).eval()
+    path = cached_onnx(encoder, cache_dir, quantize, calibration_images)
+    logger.info("embedding with onnxruntime (%s)", path.name)
+    return OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
