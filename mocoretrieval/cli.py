@@ -36,31 +36,46 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_onnx, sidecar_path
-    from .sources import load
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import serve
 
-    encoder = load(args.source)
-    path = export_onnx(encoder, args.out, opset=args.opset)
-    print(
-        f"wrote {path} and {sidecar_path(path).name}: {encoder.arch}, {encoder.dim}-d, opset "
-        f"{args.opset}; load it with mocoretrieval.onnx_backend.OnnxEncoder.from_file"
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        k=args.k,
+        backend=args.backend,
+        max_upload_mb=args.max_upload_mb,
     )
     return 0
 
 
-def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export-onnx",
-        help="export an encoder to one ONNX file for onnxruntime",
-        description="Load any source MoCoEncoder.from_pretrained accepts and write OUT.onnx "
-        "(dynamic batch, L2-normalised embeddings) plus OUT.onnx.json; the preprocessing config "
-        "and weights hash travel inside the file too, so it is usable on its own.",
+        "serve",
+        help="the image-search web app over an index",
+        description="Search an index from the browser: upload or paste a photo, see its "
+        "nearest images, browse near-duplicates. Local only unless --host/--share say otherwise.",
     )
-    p.add_argument("source", help="official .pth.tar, alias, directory or Hub id")
-    p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
-    p.set_defaults(func=_cmd_export_onnx)
+    p.add_argument(
+        "--index",
+        metavar="DIR",
+        help="index directory or indexed folder "
+        "(default: found in the current folder or its parents)",
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("-k", type=int, default=10, help="results shown at first (default 10)")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default=None,
+        help="query encoder backend (default: the index's)",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=50, help="upload limit (default 50)")
+    p.set_defaults(func=_cmd_serve)
 
 
 # --- the main job: index, search, duplicates, info ------------------------------------------
@@ -247,11 +262,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 # Subcommand registrars, in the order `--help` lists them. Features add theirs here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
-    _add_export_onnx,
     _add_index,
     _add_search,
     _add_duplicates,
     _add_info,
+    _add_serve,
 ]
 
 

@@ -1,0 +1,126 @@
+"""Starting the app safely: local-only by default, no share link, nothing from disk exposed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from . import views
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # the user's own machine only; --host 0.0.0.0 opts into the LAN
+DEFAULT_PORT = 7860
+
+
+def launch_options(
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    max_upload_mb: float = views.MAX_UPLOAD_MB,
+) -> dict[str, Any]:
+    """Keyword arguments for ``gr.Blocks.launch`` that keep a private photo library private.
+
+    - binds ``127.0.0.1`` unless a host is given; no public share link unless ``share``;
+    - ``allowed_paths`` is empty: Gradio then serves only its own upload and cache folders.
+      Result images reach the browser as thumbnails made by `app.views` after
+      `views.resolve_in_root` checked them, so no URL can name a file on disk (not the
+      indexed root, not the index database, not a symlink's target);
+    - uploads above ``max_upload_mb`` are refused by the server before they are stored;
+    - no telemetry, no MCP server, no server-side rendering (which would start Node).
+    """
+    return {
+        "server_name": host or DEFAULT_HOST,
+        "server_port": port,
+        "share": bool(share),
+        "allowed_paths": [],
+        "max_file_size": f"{max_upload_mb:g}mb",
+        "show_error": False,  # our handlers write their own messages; never echo exceptions
+        "mcp_server": False,
+        "ssr_mode": False,
+        "enable_monitoring": False,
+        "pwa": False,
+    }
+
+
+def launch(
+    page: gr.Blocks,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    max_upload_mb: float = views.MAX_UPLOAD_MB,
+    block: bool = True,
+    theme: Any = None,
+) -> str:
+    """Launches ``page`` with :func:`launch_options`; returns its local URL.
+
+    Args:
+        page: from :func:`app.ui.build_app`.
+        host, port, share, max_upload_mb: see :func:`launch_options`; port None picks the first
+            free one from 7860.
+        block: serve until interrupted (the CLI); False returns at once (tests, notebooks).
+        theme: a Gradio theme; default :data:`app.ui.THEME` (local fonts only).
+    """
+    from .ui import THEME
+
+    opts = launch_options(host, port, share, max_upload_mb)
+    _, url, _ = page.launch(
+        prevent_thread_lock=not block, quiet=not block, theme=theme or THEME, **opts
+    )
+    return url
+
+
+def open_index(path: str | Path | None = None, backend: str | None = None) -> Any:
+    """Opens the index and loads its encoder now, so the first query is not the slow one and a
+    missing model is reported at start-up rather than in the page.
+
+    Args:
+        path: an index directory or an indexed root; None looks in the current folder and its
+            parents.
+        backend: ``torch``, ``onnx`` or ``auto`` for the query encoder (see
+            :func:`mocoretrieval.onnx_backend.load_backend`); None: the index's own (torch).
+    """
+    from mocoretrieval.index import ImageIndex
+
+    index = ImageIndex.open(path)
+    if backend is not None:
+        from mocoretrieval.onnx_backend import load_backend
+
+        source = index.manifest["encoder"]["source"]
+        index.close()
+        # The index checks the backend's weights hash against the one it was built with.
+        index = ImageIndex.open(path, model=load_backend(source, backend))
+    encoder = index.encoder
+    side = int(getattr(encoder, "input_size", 224))
+    encoder.embed([Image.new("RGB", (side, side))])  # warm-up: allocations, thread pools
+    return index
+
+
+def serve(
+    index_path: str | Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    k: int = 10,
+    backend: str | None = None,
+    max_upload_mb: float = views.MAX_UPLOAD_MB,
+) -> None:
+    """Opens the index (loading its encoder once) and serves the app until interrupted.
+
+    Args:
+        index_path, backend: see :func:`open_index`.
+        host, port, share, max_upload_mb: see :func:`launch_options`.
+        k: how many results the page shows at first.
+    """
+    from .ui import build_app
+
+    index = open_index(index_path, backend)
+    try:
+        page = build_app(index, k_default=k, max_upload_mb=max_upload_mb)
+        launch(page, host, port, share, max_upload_mb, block=True)
+    finally:
+        index.close()

@@ -1,0 +1,146 @@
+"""The Gradio Blocks page: layout and event wiring over `app.views`, no logic of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from . import views
+
+TITLE = "mocoretrieval: image search"
+# Local font stacks: the default theme would fetch Google Fonts, i.e. tell a third party each
+# time someone opens a private photo search.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "monospace"],
+)
+N_EXAMPLES = 8
+
+
+def build_app(
+    index: Any, k_default: int = 10, max_upload_mb: float = views.MAX_UPLOAD_MB
+) -> gr.Blocks:
+    """The search page over an open index; launch it with :func:`app.server.launch`.
+
+    Args:
+        index: an open :class:`~mocoretrieval.index.ImageIndex` (its encoder already loaded).
+        k_default: how many neighbours to show at first.
+        max_upload_mb: uploads above this are refused (also enforced by ``launch``).
+
+    Returns:
+        The page, not launched. Its API has one public endpoint, ``/search`` (image, k) ->
+        (gallery, message), which is what `gradio_client` calls.
+    """
+    k_default = views.clamp_k(k_default)
+
+    def show(outcome: views.SearchOutcome, query: tuple[str, str] | None) -> tuple:
+        return outcome.items, outcome.message, outcome.paths, query
+
+    def on_upload(payload: dict | None, k: int) -> tuple:
+        path = payload.get("path") if isinstance(payload, dict) else None
+        if path is None:  # the query image was cleared
+            return [], "", [], None
+        return show(views.search_upload(index, path, k, max_upload_mb), ("upload", path))
+
+    def on_pick(paths: list[str], k: int, evt: gr.SelectData) -> tuple:
+        rel = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
+        if rel is None:
+            return (gr.skip(),) * 5
+        thumb = views.query_thumbnail(index, rel)
+        return (thumb, *show(views.search_indexed(index, rel, k), ("indexed", rel)))
+
+    def on_k(query: tuple[str, str] | None, k: int) -> tuple:
+        if query is None:
+            return (gr.skip(),) * 4
+        kind, value = query
+        if kind == "upload":
+            return show(views.search_upload(index, value, k, max_upload_mb), query)
+        return show(views.search_indexed(index, value, k), query)
+
+    def on_duplicates(threshold: float) -> tuple:
+        found = views.find_duplicates(index, threshold)
+        choice = found.labels[0] if found.labels else None
+        items = views.group_items(index, found.groups, choice, found.labels)
+        return (
+            found.message,
+            gr.update(choices=found.labels, value=choice),
+            items,
+            found.groups,
+            found.labels,
+        )
+
+    def on_group(label: str | None, groups: list[list[str]], labels: list[str]) -> list:
+        return views.group_items(index, groups, label, labels)
+
+    examples = views.example_items(index, N_EXAMPLES)
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"# {TITLE}\nIndexed folder: `{index.root}`")
+        paths = gr.State([])  # relative paths of the result gallery, in order
+        last_query = gr.State(None)  # ("upload", cache path) | ("indexed", relative path)
+        with gr.Tab("Search"), gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                query = gr.Image(
+                    label="Query: upload or paste an image",
+                    type="filepath",
+                    sources=["upload", "clipboard"],
+                    height=280,
+                    elem_id="query",
+                )
+                k = gr.Slider(1, views.MAX_K, value=k_default, step=1, label="Results (k)")
+                example_gallery = gr.Gallery(
+                    value=[(img, rel) for img, rel in examples],
+                    label="Or start from an image of the index",
+                    columns=4,
+                    height=200,
+                    allow_preview=False,
+                    elem_id="examples",
+                )
+                example_paths = gr.State([rel for _, rel in examples])
+            with gr.Column(scale=3):
+                message = gr.Markdown(elem_id="message")
+                gallery = gr.Gallery(
+                    label="Nearest images (click one to search from it)",
+                    columns=5,
+                    height="auto",
+                    format="jpeg",
+                    allow_preview=False,
+                    elem_id="results",
+                )
+        with gr.Tab("Near-duplicates"):
+            with gr.Row():
+                threshold = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="Similarity ≥")
+                find = gr.Button("Find near-duplicates")
+            dup_message = gr.Markdown()
+            group = gr.Dropdown(label="Group", choices=[], interactive=True)
+            group_gallery = gr.Gallery(
+                label="Images in the group", columns=5, format="jpeg", allow_preview=True
+            )
+            groups, labels = gr.State([]), gr.State([])
+        with gr.Tab("Index"):
+            gr.Markdown(views.index_summary(index), elem_id="summary")
+
+        results = [gallery, message, paths, last_query]
+        # preprocess=False: the handler gets the uploaded file's path and decodes it itself, so
+        # a corrupt or non-image upload gets a clear message rather than Gradio's bare "Error".
+        query.input(
+            on_upload,
+            [query, k],
+            results,
+            api_name="search",
+            preprocess=False,
+            trigger_mode="always_last",
+        )
+        pick = {"outputs": [query, *results], "api_visibility": "private"}
+        gallery.select(on_pick, [paths, k], **pick)
+        example_gallery.select(on_pick, [example_paths, k], **pick)
+        k.release(on_k, [last_query, k], results, api_visibility="private")
+        find.click(
+            on_duplicates,
+            threshold,
+            [dup_message, group, group_gallery, groups, labels],
+            api_visibility="private",
+        )
+        group.input(on_group, [group, groups, labels], group_gallery, api_visibility="private")
+    return page

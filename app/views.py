@@ -1,0 +1,360 @@
+"""What the page shows: library calls turned into gallery items and messages, never tracebacks.
+
+Every function here is plain Python over an `ImageIndex` (no Gradio), so the UI in `app.ui` is
+wiring only and this module is unit-tested on its own. User errors (a bad upload, an empty index,
+a vanished file) become a message for the page; an unexpected error is logged with its traceback
+on the server and shown as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mocoretrieval.data import load_image
+from mocoretrieval.errors import ImageError, MoCoRetrievalError
+
+logger = logging.getLogger(__name__)
+
+# Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 384 px JPEG ~30 kB,
+# and a gallery cell is smaller than that anyway.
+THUMB_SIDE = 384
+MAX_K = 100
+# Phone photos are 3-15 MB; 50 MB leaves room for panoramas and still bounds what one request
+# can make the server store and decode. Pixels are bounded separately, by `load_image`'s
+# decompression-bomb check.
+MAX_UPLOAD_MB = 50
+
+GalleryItem = tuple[Image.Image, str]
+
+
+class PathOutsideRootError(MoCoRetrievalError):
+    """A path resolves (through `..` or a symlink) to somewhere outside the indexed root."""
+
+
+@dataclass
+class SearchOutcome:
+    """What one search puts on the page.
+
+    Attributes:
+        items: the gallery, best first: (thumbnail, caption "score · path").
+        paths: the relative path of each gallery item, in the same order (for click-to-search).
+        message: markdown shown above the gallery; empty when all went well.
+    """
+
+    items: list[GalleryItem] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def relative_path(root: str | Path, path: str | Path) -> str:
+    """``path`` as the page shows it: POSIX, relative to the root (lexically; no disk access)."""
+    p = Path(path)
+    if p.is_absolute():
+        p = Path(os.path.relpath(p, root))
+    return p.as_posix()
+
+
+def resolve_in_root(root: str | Path, rel: str | Path) -> Path:
+    """The real path of ``root / rel``, refusing anything that leaves the root.
+
+    Both sides are resolved (symlinks followed, ``..`` removed) before the check, so neither
+    ``../secret.jpg``, an absolute path, nor a symlink inside the root that points outside it
+    gets through.
+
+    Raises:
+        PathOutsideRootError: the real path is not inside the real root.
+        ImageError: the file does not exist (any more).
+    """
+    real_root = Path(root).resolve()
+    candidate = real_root / rel
+    try:
+        real = candidate.resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError("file not found (moved or deleted since indexing?)", str(rel)) from None
+    except (OSError, RuntimeError) as e:  # symlink loop, permission
+        raise ImageError(f"cannot resolve path: {e}", str(rel)) from None
+    if not real.is_relative_to(real_root):
+        raise PathOutsideRootError(f"refusing to serve {rel}: it resolves outside {real_root}")
+    if not real.is_file():
+        raise ImageError("not a regular file", str(rel))
+    return real
+
+
+def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Image.Image:
+    """An RGB thumbnail fitting a ``side`` square, decoded as the indexer decodes images.
+
+    Raises:
+        ImageError: the file is missing, not an image, corrupt or a decompression bomb.
+    """
+    image = load_image(path, min_side=side)  # JPEG draft mode: a fraction of a full decode
+    image.thumbnail((side, side))
+    return image
+
+
+def check_upload(path: str | Path | None, max_mb: float = MAX_UPLOAD_MB) -> Path:
+    """Checks an uploaded file before decoding it: present, non-empty, not over the size limit.
+
+    Gradio already refuses larger uploads (``max_file_size``); this repeats the bound so the
+    search functions are safe on their own.
+
+    Raises:
+        ImageError: no file, an empty file, or one over ``max_mb`` megabytes.
+    """
+    if path is None:
+        raise ImageError("no image given: upload or paste one")
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise ImageError("the upload did not arrive; try again", p.name) from None
+    if size == 0:
+        raise ImageError("empty file", p.name)
+    if size > max_mb * 1e6:
+        raise ImageError(f"file too large ({size / 1e6:.1f} MB); at most {max_mb:g} MB", p.name)
+    return p
+
+
+def _root(index: Any) -> Path:
+    return Path(index.root)
+
+
+def _count(index: Any) -> int:
+    return int(index.info().get("count", 0))
+
+
+def _caption(path: str, score: float) -> str:
+    # Score first: a narrow gallery cell truncates the end of its caption.
+    return f"{score:.3f} · {path}"
+
+
+def parse_caption(caption: str) -> tuple[str, float]:
+    """Inverse of the gallery caption: ``"0.912 · a/b.jpg"`` -> ``("a/b.jpg", 0.912)``."""
+    score, _, path = caption.partition(" · ")
+    return path, float(score)
+
+
+def gallery_items(
+    root: str | Path, results: Sequence[Any]
+) -> tuple[list[GalleryItem], list[str], int]:
+    """Thumbnails and captions for search results, skipping what cannot be shown safely.
+
+    Args:
+        root: the indexed root.
+        results: objects with ``.path`` (relative to the root, or absolute) and ``.score``.
+
+    Returns:
+        (items, their relative paths, how many results were left out).
+    """
+    items, paths, left_out = [], [], 0
+    for r in results:
+        rel = relative_path(root, r.path)
+        try:
+            thumb = thumbnail(resolve_in_root(root, rel))
+        except PathOutsideRootError as e:
+            logger.warning("%s", e)
+            left_out += 1
+            continue
+        except ImageError as e:
+            logger.info("not shown: %s", e)
+            left_out += 1
+            continue
+        items.append((thumb, _caption(rel, r.score)))
+        paths.append(rel)
+    return items, paths, left_out
+
+
+def clamp_k(k: Any, default: int = 10) -> int:
+    """``k`` as an int in [1, MAX_K]; junk becomes ``default``."""
+    try:
+        return max(1, min(MAX_K, int(k)))
+    except (TypeError, ValueError):
+        return default
+
+
+def _search(index: Any, query: Any, k: Any) -> SearchOutcome:
+    if _count(index) == 0:
+        return SearchOutcome(
+            message="**The index is empty.** Add images to the folder and run "
+            f"`mocoretrieval index {_root(index)}`, then restart the app."
+        )
+    results = index.search(query, k=clamp_k(k))
+    items, paths, left_out = gallery_items(_root(index), results)
+    if not items:
+        msg = "**No results.**"
+        if left_out:
+            msg += f" {left_out} match(es) could not be shown (moved, deleted or unreadable)."
+        return SearchOutcome(message=msg)
+    msg = (
+        f"{left_out} result(s) could not be shown (moved, deleted or unreadable)."
+        if left_out
+        else ""
+    )
+    return SearchOutcome(items, paths, msg)
+
+
+def _guarded(fn, *args: Any) -> SearchOutcome:
+    """Runs a search; user errors and unexpected ones become a one-line message."""
+    try:
+        return fn(*args)
+    except MoCoRetrievalError as e:
+        return SearchOutcome(message=f"**Cannot search:** {e}")
+    except Exception:  # the page must never show a traceback; the server log keeps it
+        logger.exception("search failed")
+        return SearchOutcome(message="**Search failed unexpectedly**; the server log has details.")
+
+
+def search_upload(
+    index: Any, upload: str | Path | None, k: Any, max_mb: float = MAX_UPLOAD_MB
+) -> SearchOutcome:
+    """Searches with an uploaded or pasted image file."""
+
+    def run() -> SearchOutcome:
+        # Decoded here, as the indexer decodes files, so a bad upload gets its own reason.
+        min_side = getattr(getattr(index, "encoder", None), "resize_size", None)
+        image = load_image(check_upload(upload, max_mb), min_side=min_side)
+        return _search(index, image, k)
+
+    return _guarded(run)
+
+
+def search_indexed(index: Any, rel: str, k: Any) -> SearchOutcome:
+    """Searches with an image of the indexed folder (a clicked result or example)."""
+    return _guarded(lambda: _search(index, resolve_in_root(_root(index), rel), k))
+
+
+def query_thumbnail(index: Any, rel: str) -> Image.Image | None:
+    """A thumbnail of an indexed image to show as the query, or None if it cannot be shown."""
+    try:
+        return thumbnail(resolve_in_root(_root(index), rel))
+    except MoCoRetrievalError as e:
+        logger.info("no query thumbnail: %s", e)
+        return None
+
+
+# --- index summary, near-duplicates, examples ----------------------------------------------
+
+
+def _when(value: Any) -> str:
+    """A timestamp (epoch seconds or ISO 8601 text) as local ``YYYY-MM-DD HH:MM``."""
+    if value is None or value == "":
+        return "never"
+    try:
+        if isinstance(value, (int, float)):
+            moment = datetime.fromtimestamp(value)
+        else:
+            moment = datetime.fromisoformat(str(value)).astimezone()
+    except (ValueError, OverflowError, OSError):
+        return str(value)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def summary_markdown(info: dict[str, Any], max_skipped: int = 20) -> str:
+    """The index summary shown on the page: model, images, dimension, index type, last update,
+    and the skipped files with their reasons (the first ``max_skipped``)."""
+    skipped = info.get("skipped") or {}
+    n_skipped = skipped if isinstance(skipped, int) else len(skipped)
+    lines = [
+        f"- **Model:** `{info.get('model', '?')}`",
+        f"- **Images:** {info.get('count', 0)}",
+        f"- **Dimension:** {info.get('dim', '?')}",
+        f"- **Index type:** `{info.get('index_type', '?')}`",
+        f"- **Last update:** {_when(info.get('last_update'))}",
+        f"- **Skipped files:** {n_skipped}",
+    ]
+    if isinstance(skipped, dict):
+        for path, reason in list(skipped.items())[:max_skipped]:
+            lines.append(f"    - `{path}`: {reason}")
+        if n_skipped > max_skipped:
+            lines.append(f"    - ... and {n_skipped - max_skipped} more (`mocoretrieval info`)")
+    return "\n".join(lines)
+
+
+def index_summary(index: Any) -> str:
+    """`summary_markdown` of a live index, or why it cannot be shown."""
+    try:
+        return summary_markdown(index.info())
+    except MoCoRetrievalError as e:
+        return f"**Cannot read the index:** {e}"
+
+
+@dataclass
+class DuplicateView:
+    """Near-duplicate groups as the page lists them.
+
+    Attributes:
+        groups: relative paths of each group, largest group first.
+        labels: one dropdown label per group.
+        message: markdown above the list.
+    """
+
+    groups: list[list[str]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def find_duplicates(index: Any, threshold: float) -> DuplicateView:
+    """Groups of near-duplicate images whose similarity is at least ``threshold``."""
+    try:
+        if _count(index) == 0:
+            return DuplicateView(message="**The index is empty.**")
+        found = index.duplicates(float(threshold))
+    except MoCoRetrievalError as e:
+        return DuplicateView(message=f"**Cannot look for duplicates:** {e}")
+    except Exception:  # the page must never show a traceback; the server log keeps it
+        logger.exception("duplicates failed")
+        return DuplicateView(message="**Duplicate search failed unexpectedly**; see the log.")
+    root = _root(index)
+    groups = sorted(
+        ([relative_path(root, r.path) for r in g] for g in found), key=len, reverse=True
+    )
+    if not groups:
+        return DuplicateView(message=f"No near-duplicates at similarity ≥ {threshold:.2f}.")
+    labels = [f"{i + 1}. {g[0]} (+{len(g) - 1})" for i, g in enumerate(groups)]
+    n_images = sum(len(g) for g in groups)
+    message = f"{len(groups)} group(s), {n_images} images, at similarity ≥ {threshold:.2f}."
+    return DuplicateView(groups, labels, message)
+
+
+def group_items(
+    index: Any, view_groups: Sequence[Sequence[str]], label: str | None, labels: Sequence[str]
+) -> list[GalleryItem]:
+    """Thumbnails of the group picked by its dropdown ``label`` (empty if none is picked)."""
+    if label not in labels:
+        return []
+    group = view_groups[list(labels).index(label)]
+    items = []
+    for rel in group:
+        try:
+            items.append((thumbnail(resolve_in_root(_root(index), rel)), rel))
+        except MoCoRetrievalError as e:
+            logger.info("not shown: %s", e)
+    return items
+
+
+def example_items(index: Any, n: int) -> list[GalleryItem]:
+    """Thumbnails of ``n`` images spread evenly over the index, captioned with their paths."""
+    try:
+        files = index.store.files()
+    except MoCoRetrievalError as e:
+        logger.warning("no examples: %s", e)
+        return []
+    paths = sorted(p for p, record in files.items() if record.vector_id is not None)  # not skipped
+    step = max(1, len(paths) // max(1, n))
+    spread = paths[::step] + [p for i, p in enumerate(paths) if i % step]  # then fill the gaps
+    items: list[GalleryItem] = []
+    for rel in spread:
+        if len(items) == n:
+            break
+        try:
+            items.append((thumbnail(resolve_in_root(_root(index), rel)), rel))
+        except MoCoRetrievalError as e:
+            logger.info("example not shown: %s", e)
+    return items

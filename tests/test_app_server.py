@@ -1,0 +1,127 @@
+"""The launched app over HTTP: the `/search` endpoint through gradio_client, what the server
+refuses to serve, the upload limit, and the safe launch defaults."""
+
+from __future__ import annotations
+
+import shutil
+from urllib.parse import quote
+
+import httpx
+import pytest
+from app_helpers import build_photo_index, launch_app, shown_paths
+
+from app import views
+from app.server import DEFAULT_HOST, launch_options
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``(url, index)`` of the app launched on a free port, with a 1 MB upload limit."""
+    index = build_photo_index(tmp_path_factory.mktemp("server"))
+    url, page = launch_app(index, max_upload_mb=1)
+    yield url, index
+    page.close()
+    index.close()
+
+
+def test_launch_defaults_are_local_and_private():
+    opts = launch_options()
+    assert opts["server_name"] == DEFAULT_HOST == "127.0.0.1"
+    assert opts["share"] is False and opts["allowed_paths"] == []
+    assert opts["max_file_size"] == f"{views.MAX_UPLOAD_MB}mb" and opts["show_error"] is False
+    assert launch_options(host="0.0.0.0", share=True)["server_name"] == "0.0.0.0"
+
+
+def test_search_endpoint_matches_image_index(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, index = served
+    query = tmp_path / "query.png"  # a copy, uploaded like a user's file
+    shutil.copy(index.root / "sub" / "img_0001.png", query)
+    client = Client(url, verbose=False)
+    gallery, message = client.predict(handle_file(str(query)), 5, api_name="/search")
+    expected = index.search(query, k=5)
+    got = [views.parse_caption(item["caption"]) for item in gallery]
+    assert [p for p, _ in got] == shown_paths(index, expected)
+    scores = {views.relative_path(index.root, r.path): r.score for r in expected}
+    assert [s for _, s in got] == pytest.approx([scores[p] for p, _ in got], abs=1e-3)
+    assert got[0][0] == "sub/img_0001.png"
+    assert ("could not be shown" in message) == (len(got) < len(expected))
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text, not a picture")
+    gallery, message = client.predict(handle_file(str(bad)), 5, api_name="/search")
+    assert gallery == [] and "not an image" in message
+    client.close()
+
+
+def _file_url(url: str, path) -> str:
+    return f"{url}/gradio_api/file={quote(str(path))}"
+
+
+def test_nothing_on_disk_is_served(served):
+    url, index = served
+    root = index.root
+    denied = [
+        root / "img_0000.jpg",  # even indexed images: the page gets thumbnails, not files
+        f"{root}/../secret.txt",
+        f"{root}/sub/../../secret.txt",
+        root.parent / "secret.txt",
+        root / "link_out.png",  # symlink inside the root to a file outside
+        (root / "link_out.png").resolve(),
+        index.path / "index.db",  # the index database
+        index.path / "manifest.json",
+    ]
+    with httpx.Client() as http:
+        for path in denied:
+            r = http.get(_file_url(url, path))
+            assert r.status_code in (403, 404), (path, r.status_code)
+            assert b"not for the browser" not in r.content
+        # raw traversal, not normalised by the client
+        r = http.get(f"{url}/gradio_api/file={root}/../secret.txt")
+        assert r.status_code in (403, 404) and b"not for the browser" not in r.content
+
+
+def test_result_images_are_served_from_gradios_cache(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, index = served
+    client = Client(url, verbose=False, download_files=False)
+    gallery, _ = client.predict(
+        handle_file(str(index.root / "img_0002.jpg")), 3, api_name="/search"
+    )
+    client.close()
+    with httpx.Client() as http:
+        for item in gallery:
+            image = item["image"]
+            assert str(index.root) not in image["path"]  # a cached thumbnail, not the original
+            r = http.get(image["url"])
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+
+
+def test_uploads_over_the_limit_are_refused(served):
+    url, _ = served
+    with httpx.Client() as http:
+        r = http.post(
+            f"{url}/gradio_api/upload",
+            files={"files": ("big.jpg", b"\xff" * 1_500_000, "image/jpeg")},
+        )
+    assert r.status_code == 413
+
+
+def test_serve_command_line():
+    from mocoretrieval.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "photos"])
+    assert args.host is None and args.share is False and args.index == "photos"
+    assert args.func.__name__ == "_cmd_serve"
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "8000", "--share"])
+    assert (args.host, args.port, args.share) == ("0.0.0.0", 8000, True)
+
+
+def test_serve_reports_a_missing_index(tmp_path, capsys):
+    from mocoretrieval.cli import main
+
+    assert main(["serve", "--index", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err

@@ -1,0 +1,202 @@
+"""Unit tests of `app.views` over a real index: search, safe path resolution, bad uploads,
+summary, near-duplicates and examples."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from app_helpers import build_photo_index, shown_paths
+from conftest import make_images, make_tiny_encoder
+from PIL import Image
+
+from app import views
+from mocoretrieval.errors import ImageError
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory):
+    index = build_photo_index(tmp_path_factory.mktemp("views"))
+    yield index
+    index.close()
+
+
+def rel(index, result) -> str:
+    return views.relative_path(index.root, result.path)
+
+
+# --- paths: nothing outside the root ---------------------------------------------------------
+
+
+def test_resolve_in_root_accepts_files_inside(photo_index):
+    root = photo_index.root
+    assert views.resolve_in_root(root, "sub/img_0001.png") == (root / "sub/img_0001.png").resolve()
+    assert views.resolve_in_root(root, root / "img_0000.jpg") == (root / "img_0000.jpg").resolve()
+
+
+@pytest.mark.parametrize(
+    "path", ["../secret.txt", "sub/../../secret.txt", "../outside/img_0000.jpg", "/etc/hostname"]
+)
+def test_resolve_in_root_refuses_traversal(photo_index, path):
+    with pytest.raises(views.PathOutsideRootError):
+        views.resolve_in_root(photo_index.root, path)
+
+
+def test_resolve_in_root_refuses_symlink_pointing_outside(photo_index):
+    assert (photo_index.root / "link_out.png").is_symlink()
+    with pytest.raises(views.PathOutsideRootError):
+        views.resolve_in_root(photo_index.root, "link_out.png")
+
+
+def test_resolve_in_root_missing_file_is_an_image_error(photo_index):
+    with pytest.raises(ImageError, match="not found"):
+        views.resolve_in_root(photo_index.root, "nope.jpg")
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+def test_search_upload_matches_index_search(photo_index):
+    query = photo_index.root / "img_0003.png"
+    out = views.search_upload(photo_index, query, k=5)
+    expected = photo_index.search(query, k=5)
+    assert out.paths == shown_paths(photo_index, expected)
+    assert out.paths[0] == "img_0003.png"  # an indexed image finds itself first
+    # Only the symlink pointing outside the root may be left out, and the page says so.
+    assert ("could not be shown" in out.message) == (len(out.paths) < len(expected))
+    parsed = [views.parse_caption(caption) for _, caption in out.items]
+    assert [p for p, _ in parsed] == out.paths
+    scores = {rel(photo_index, r): r.score for r in expected}
+    assert [s for _, s in parsed] == pytest.approx([scores[p] for p in out.paths], abs=1e-3)
+    assert all(max(img.size) <= views.THUMB_SIDE and img.mode == "RGB" for img, _ in out.items)
+
+
+def test_search_indexed_and_k_is_clamped(photo_index):
+    out = views.search_indexed(photo_index, "sub/img_0001.png", k=10_000)
+    assert out.paths[0] == "sub/img_0001.png"
+    assert len(out.paths) == len(photo_index) - 1  # all but the symlink pointing outside
+    assert [views.clamp_k(k) for k in (0, 7, 10_000, "junk", None)] == [1, 7, views.MAX_K, 10, 10]
+    assert views.search_indexed(photo_index, "../secret.txt", k=3).message.startswith(
+        "**Cannot search:**"
+    )
+
+
+def test_symlink_outside_root_is_never_shown(photo_index):
+    # The walker indexes the symlinked file, so the index itself finds it first ...
+    target = (photo_index.root / "link_out.png").resolve()
+    assert rel(photo_index, photo_index.search(target, k=1)[0]) == "link_out.png"
+    # ... but the page never shows it: its real path is outside the root.
+    out = views.search_upload(photo_index, target, k=5)
+    assert "link_out.png" not in out.paths
+    assert "1 result(s) could not be shown" in out.message
+    assert len(out.items) == len(out.paths) == 4
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "empty file"),
+        (b"%PDF-1.4 this is not an image at all", "not an image"),
+        ("truncated", "truncated"),
+        ("big", "too large"),
+    ],
+)
+def test_bad_uploads_give_a_message_not_an_exception(photo_index, tmp_path, content, expected):
+    upload = tmp_path / "upload.jpg"
+    if content == "truncated":
+        data = (photo_index.root / "img_0000.jpg").read_bytes()
+        upload.write_bytes(data[: len(data) // 3])
+    elif content == "big":
+        upload.write_bytes(b"\xff" * 1_100_000)
+    else:
+        upload.write_bytes(content)
+    out = views.search_upload(photo_index, upload, k=5, max_mb=1)
+    assert out.items == [] and out.paths == []
+    assert out.message.startswith("**Cannot search:**") and expected in out.message
+    assert "Traceback" not in out.message
+
+
+def test_missing_upload_and_unexpected_errors(photo_index, monkeypatch):
+    assert "no image given" in views.search_upload(photo_index, None, k=5).message
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(photo_index, "search", boom)
+    out = views.search_indexed(photo_index, "img_0000.jpg", k=5)
+    assert "unexpectedly" in out.message and "internal detail" not in out.message
+
+
+def test_empty_index_says_so(tmp_path):
+    from mocoretrieval.index import ImageIndex
+
+    (tmp_path / "empty").mkdir()
+    with ImageIndex.build(tmp_path / "empty", model=make_tiny_encoder(), workers=0) as index:
+        query = make_images(tmp_path / "q", 1)[0]
+        out = views.search_upload(index, query, k=5)
+        assert out.items == [] and "index is empty" in out.message
+        assert "index is empty" in views.find_duplicates(index, 0.9).message
+        assert views.example_items(index, 4) == []
+
+
+def test_vanished_result_is_left_out(tmp_path):
+    from mocoretrieval.index import ImageIndex
+
+    root = tmp_path / "photos"
+    make_images(root, 4)
+    with ImageIndex.build(root, model=make_tiny_encoder(), workers=0) as index:
+        query = tmp_path / "query.jpg"
+        shutil.copy(root / "img_0000.jpg", query)
+        for p in root.glob("img_*"):
+            p.unlink()
+        out = views.search_upload(index, query, k=4)
+        assert (
+            out.items == [] and "No results" in out.message and "could not be shown" in out.message
+        )
+
+
+# --- summary, duplicates, examples ------------------------------------------------------------
+
+
+def test_index_summary(photo_index):
+    info = photo_index.info()
+    text = views.index_summary(photo_index)
+    assert f"**Images:** {info['count']}" in text
+    assert "**Model:**" in text and "**Last update:**" in text and "**Skipped files:**" in text
+
+
+def test_summary_lists_skipped_files_with_reasons():
+    info = {
+        "model": "m",
+        "count": 3,
+        "dim": 8,
+        "index_type": "Flat",
+        "last_update": 0,
+        "skipped": {f"bad_{i}.jpg": "truncated" for i in range(3)},
+    }
+    text = views.summary_markdown(info, max_skipped=2)
+    assert "**Skipped files:** 3" in text
+    assert "`bad_0.jpg`: truncated" in text and "bad_2.jpg" not in text and "1 more" in text
+
+
+def test_near_duplicate_groups(photo_index):
+    found = views.find_duplicates(photo_index, 0.99)
+    pair = {"img_0004.jpg", "sub/copy_of_4.jpg"}
+    assert any(pair <= set(g) for g in found.groups)
+    assert len(found.labels) == len(found.groups) and "group(s)" in found.message
+    i = next(i for i, g in enumerate(found.groups) if pair <= set(g))
+    items = views.group_items(photo_index, found.groups, found.labels[i], found.labels)
+    assert {caption for _, caption in items} >= pair
+    assert views.group_items(photo_index, found.groups, "not a label", found.labels) == []
+
+
+def test_examples_are_indexed_images(photo_index):
+    items = views.example_items(photo_index, 4)
+    assert len(items) == 4
+    indexed = {p for p, rec in photo_index.store.files().items() if rec.vector_id is not None}
+    assert all(isinstance(img, Image.Image) and caption in indexed for img, caption in items)
+
+
+def test_relative_path(tmp_path):
+    assert views.relative_path(tmp_path, tmp_path / "a" / "b.jpg") == "a/b.jpg"
+    assert views.relative_path(tmp_path, "a/b.jpg") == "a/b.jpg"
