@@ -36,6 +36,33 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx, sidecar_path
+    from .sources import load
+
+    encoder = load(args.source)
+    path = export_onnx(encoder, args.out, opset=args.opset)
+    print(
+        f"wrote {path} and {sidecar_path(path).name}: {encoder.arch}, {encoder.dim}-d, opset "
+        f"{args.opset}; load it with mocoretrieval.onnx_backend.OnnxEncoder.from_file"
+    )
+    return 0
+
+
+def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-onnx",
+        help="export an encoder to one ONNX file for onnxruntime",
+        description="Load any source MoCoEncoder.from_pretrained accepts and write OUT.onnx "
+        "(dynamic batch, L2-normalised embeddings) plus OUT.onnx.json; the preprocessing config "
+        "and weights hash travel inside the file too, so it is usable on its own.",
+    )
+    p.add_argument("source", help="official .pth.tar, alias, directory or Hub id")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
+    p.set_defaults(func=_cmd_export_onnx)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
@@ -262,6 +289,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 # Subcommand registrars, in the order `--help` lists them. Features add theirs here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
+    _add_export_onnx,
     _add_index,
     _add_search,
     _add_duplicates,
