@@ -76,11 +76,18 @@ class BuiltIndex:
     factory: str
     params: dict[str, int] = field(default_factory=dict)  # e.g. {"nprobe": 16}
     recall: float | None = None  # measured recall@10 of the tuned parameters; None when exact
+    trained_on: int | None = None  # vectors in the collection when it was trained, if trained
     seconds: float = 0.0
 
 
 def build(
-    ids: np.ndarray, vectors: np.ndarray, factory: str, *, seed: int = 0, tune: bool = True
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    factory: str,
+    *,
+    seed: int = 0,
+    tune: bool = True,
+    trained: BuiltIndex | None = None,
 ) -> BuiltIndex:
     """Builds (trains, fills and tunes) an ``IDMap`` index over ``vectors``.
 
@@ -90,13 +97,21 @@ def build(
         factory: a FAISS factory string (without ``IDMap``), e.g. ``Flat`` or ``IVF4096,Flat``.
         seed: for the training sample and the tuning sample.
         tune: tune nprobe / efSearch for :data:`TARGET_RECALL` recall@10.
+        trained: an earlier index of the same factory whose training (IVF centroids, PQ
+            codebooks) is kept: it is emptied and refilled, which skips k-means.
     """
     faiss = faiss_module()
     t0 = time.perf_counter()
     n, dim = vectors.shape
+    trained_on = None
     try:
-        index = faiss.index_factory(dim, "IDMap," + factory, faiss.METRIC_INNER_PRODUCT)
+        if trained is not None:
+            index, trained_on = trained.index, trained.trained_on
+            index.reset()
+        else:
+            index = faiss.index_factory(dim, "IDMap," + factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
+            trained_on = n
             rng = np.random.default_rng(seed)
             ivf = faiss.try_extract_index_ivf(index)
             n_train = n if ivf is None else min(n, TRAIN_PER_LIST * ivf.nlist)
@@ -110,7 +125,7 @@ def build(
             "an IVF index needs at least as many vectors as lists: use a smaller one or leave "
             "--index-type out for the automatic choice"
         ) from e
-    built = BuiltIndex(index=index, factory=factory)
+    built = BuiltIndex(index=index, factory=factory, trained_on=trained_on)
     if tune:
         built.params, built.recall = tune_search(index, ids, vectors, seed=seed)
     built.seconds = time.perf_counter() - t0

@@ -421,7 +421,9 @@ class ImageIndex:
         ids, vectors = self.store.all_vectors()
         requested = self.manifest["index_type"]
         factory = ann.auto_factory(len(ids), self.dim) if requested == "auto" else requested
-        built = ann.build(ids, vectors, factory)
+        trained = self._reusable_training(requested, len(ids))
+        built = ann.build(ids, vectors, trained.factory if trained else factory, trained=trained)
+        factory = built.factory
         log.info(
             "built %s over %d vectors in %.1f s (%s)",
             factory,
@@ -442,11 +444,37 @@ class ImageIndex:
             "requested": requested,
             "params": built.params,
             "recall_at_10": built.recall,
+            "trained_on": built.trained_on,
             "generation": generation,
             "ntotal": int(built.index.ntotal),
             "bytes": size,
         }
         self._save_manifest()
+
+    def _reusable_training(self, requested: str, n: int) -> ann.BuiltIndex | None:
+        """The saved index, when its training (k-means, codebooks) still fits ``n`` vectors.
+
+        k-means is most of an IVF build (see benchmarks/RESULTS.md); the centroids of a
+        collection that has not halved or doubled since still describe it, so adding a few
+        photos only refills the lists.
+        """
+        entry = self.manifest.get("faiss") or {}
+        trained_on = entry.get("trained_on")
+        if (
+            not trained_on
+            or entry.get("requested") != requested
+            or not trained_on / 2 <= n <= 2 * trained_on
+        ):
+            return None
+        if requested == "auto" and ann.auto_factory(n, self.dim) == "Flat":
+            return None  # shrank back below the exact-search threshold
+        try:
+            index = ann.load(self.path / FAISS_FILE)
+        except IndexFormatError:
+            return None
+        if not index.is_trained or index.d != self.dim:
+            return None
+        return ann.BuiltIndex(index=index, factory=entry["factory"], trained_on=trained_on)
 
     def _ann_index(self) -> Any:
         self._refresh_ann(save=os.access(self.path, os.W_OK), load=True)

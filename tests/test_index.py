@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -236,6 +237,17 @@ def test_index_type_factory_string_and_tuning(built, tmp_path):
     info = index.info()
     assert info["index_type"] == "IVF4,Flat" and set(info["search_params"]) == {"nprobe"}
     assert info["recall_at_10"] >= 0.95
+    _assert_matches_folder(index, copy)
+
+    def centroids():
+        quantizer = faiss.extract_index_ivf(index._ann_index()).quantizer
+        return quantizer.reconstruct_n(0, quantizer.ntotal)
+
+    before = centroids()
+    make_images(copy / "more", 2, seed=5)
+    assert len(index.update(workers=WORKERS).added) == 2
+    np.testing.assert_array_equal(centroids(), before)  # k-means kept, lists refilled
+    assert index.manifest["faiss"]["trained_on"] == 19 and len(index) == 21
     _assert_matches_folder(index, copy)
     with pytest.raises(MoCoRetrievalError, match="factory"):
         ImageIndex.create(copy, index_type="NotAnIndex42")
