@@ -6,6 +6,8 @@ from typing import Any
 
 import gradio as gr
 
+from mocoretrieval.index import DEFAULT_DUPLICATE_THRESHOLD
+
 from . import views
 
 TITLE = "mocoretrieval: image search"
@@ -110,7 +112,9 @@ def build_app(
                 )
         with gr.Tab("Near-duplicates"):
             with gr.Row():
-                threshold = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="Similarity ≥")
+                threshold = gr.Slider(
+                    0.5, 1.0, value=DEFAULT_DUPLICATE_THRESHOLD, step=0.01, label="Similarity ≥"
+                )
                 find = gr.Button("Find near-duplicates")
             dup_message = gr.Markdown()
             group = gr.Dropdown(label="Group", choices=[], interactive=True)

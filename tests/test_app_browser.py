@@ -60,6 +60,8 @@ def page(browser, served):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    page.requested = []  # every URL the page asks for
+    page.on("request", lambda request: page.requested.append(request.url))
     page.goto(served[0])
     page.locator("#query input[type=file]").wait_for(state="attached")
     yield page
@@ -90,6 +92,9 @@ def test_upload_shows_neighbours_and_click_searches_again(page, served, tmp_path
     page.locator("#results button.thumbnail-item").nth(1).click()
     expect(first).to_contain_text(f"· {second}")
     expect(page.locator("#query img")).to_be_visible()
+    # Private photos: the page fetches nothing from other sites (fonts, scripts, telemetry).
+    url = served[0]
+    assert page.requested and all(u.startswith((url, "data:", "blob:")) for u in page.requested)
 
 
 def test_bad_uploads_show_a_message(page, tmp_path):

@@ -1,0 +1,86 @@
+"""Makes docs/screenshot.png: the app searching Debian's wallpaper photos, in headless Chromium.
+
+    python docs/make_screenshot.py [--model SOURCE]
+
+The photos are the JPEGs of ``plasma-workspace-wallpapers`` (apt), hard-linked into a temporary
+folder. Without ``--model`` the encoder is a ResNet-18 with random weights (this machine is
+offline): neighbours then follow colour and texture; a trained MoCo encoder makes them semantic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+OUT = Path(__file__).resolve().parent / "screenshot.png"
+WALLPAPERS = Path("/usr/share/wallpapers")
+MAX_BYTES = 200_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="encoder source (default: random-weight ResNet-18)")
+    parser.add_argument("--query", default="Flow", help="wallpaper name to search with")
+    args = parser.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from app.server import launch
+    from app.ui import build_app
+    from mocoretrieval import MoCoEncoder
+    from mocoretrieval.index import ImageIndex
+
+    torch.manual_seed(0)
+    encoder = (
+        MoCoEncoder.from_pretrained(args.model) if args.model else MoCoEncoder(arch="resnet18")
+    )
+    files = sorted({p.resolve() for p in WALLPAPERS.rglob("*.jpg")})
+    files = [p for p in files if "screenshot" not in p.name]  # previews of the wallpapers
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "photos"
+        root.mkdir()
+        for src in files:  # e.g. Flow/contents/images_dark/5120x2880.jpg -> Flow_dark_5120x2880.jpg
+            parts = [
+                p for p in src.relative_to(WALLPAPERS).parts if p not in ("contents", "images")
+            ]
+            os.link(src, root / "_".join(parts).replace("images_", ""))
+        query = next(p for p in sorted(root.iterdir()) if p.name.startswith(args.query))
+        with ImageIndex.build(root, model=encoder, workers=0) as index:
+            page_app = build_app(index, k_default=10)
+            url = launch(page_app, port=None, block=False)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(
+                    executable_path="/usr/bin/chromium",
+                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+                )
+                page = browser.new_page(viewport={"width": 1280, "height": 760})
+                page.goto(url)
+                page.locator("#query input[type=file]").set_input_files(str(query))
+                page.locator("#results .caption-label").nth(9).wait_for()
+                page.wait_for_function(
+                    "[...document.querySelectorAll('#results img, #query img')]"
+                    ".every(i => i.complete && i.naturalWidth > 0)"
+                )
+                png = page.screenshot()
+                browser.close()
+            page_app.close()
+    # A 256-colour palette keeps the README's image small (photos make a large true-colour PNG).
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    for width in (1280, 1100, 960):
+        small = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+        buf = io.BytesIO()
+        small.quantize(256, method=Image.Quantize.MEDIANCUT).save(buf, "PNG", optimize=True)
+        if buf.tell() <= MAX_BYTES:
+            break
+    OUT.write_bytes(buf.getvalue())
+    print(f"wrote {OUT} ({buf.tell() // 1000} kB, {small.width}x{small.height})")
+
+
+if __name__ == "__main__":
+    main()
