@@ -3,12 +3,17 @@ refuses to serve, the upload limit, and the safe launch defaults."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 from urllib.parse import quote
 
 import httpx
 import pytest
-from app_helpers import build_photo_index, launch_app, shown_paths
+from app_helpers import build_photo_index, free_port, launch_app, shown_paths
+from conftest import make_images
 
 from app import views
 from app.server import DEFAULT_HOST, launch_options
@@ -125,3 +130,57 @@ def test_serve_reports_a_missing_index(tmp_path, capsys):
     assert main(["serve", "--index", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+@pytest.fixture
+def saved_index(tmp_path, tiny_encoder_dir):
+    """An index whose encoder has a source on disk, as `serve` opens it."""
+    from mocoretrieval.index import ImageIndex
+
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    ImageIndex.build(root, model=str(tiny_encoder_dir), workers=0).close()
+    return root
+
+
+def test_python_m_app_serves_on_localhost(saved_index, tmp_path):
+    """The real entry point as a user starts it, here with the onnxruntime query encoder:
+    blocks, binds 127.0.0.1 only, and searches like the torch index."""
+    from gradio_client import Client, handle_file
+
+    from mocoretrieval.index import ImageIndex
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "app", "--index", str(saved_index), "--port", str(port)]
+    cmd += ["--backend", "onnx"]
+    env = {**os.environ, "MOCORETRIEVAL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.5)
+        assert r.status_code == 200 and "mocoretrieval" in r.text
+        # Bound to 127.0.0.1 only: another loopback address (what 0.0.0.0 would accept) is refused.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.2:{port}/", timeout=2)
+        assert list((tmp_path / "cache").rglob("*.onnx"))  # the query encoder is onnxruntime
+        query = saved_index / "img_0003.png"
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        gallery, _ = client.predict(handle_file(str(query)), 3, api_name="/search")
+        client.close()
+        with ImageIndex.open(saved_index) as index:  # torch
+            expected = index.search(query, k=3)
+        got = [views.parse_caption(item["caption"]) for item in gallery]
+        assert got[0][0] == "img_0003.png"
+        assert [s for _, s in got] == pytest.approx([r.score for r in expected], abs=2e-3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
