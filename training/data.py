@@ -8,6 +8,7 @@ run reads the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -38,8 +39,14 @@ class TrainingDataError(MoCoRetrievalError):
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Reads an IDX file (LeCun's MNIST format), gzip'd or not, into an array."""
+    """Reads an IDX file (LeCun's MNIST format), gzip'd or not, into a read-only array."""
     path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _read_idx_cached(path, stat.st_mtime_ns if stat else 0)
+
+
+@functools.lru_cache(maxsize=4)  # a run reads the training images twice (train, kNN bank)
+def _read_idx_cached(path: Path, mtime_ns: int) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -55,7 +62,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     if len(data) - offset < count * dtype.itemsize:
         raise TrainingDataError(f"{path} is truncated; reinstall the dataset")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
+    arr.flags.writeable = False
+    return arr
 
 
 def _idx_file(root: Path, stem: str) -> Path:

@@ -1,0 +1,188 @@
+"""End-to-end pretraining runs (tiny): every version exports a loadable encoder; resume is exact;
+torchrun with two CPU processes (gloo) trains and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mocoretrieval import MoCoEncoder
+from training import checkpoint as ckpt_io
+from training.config import ConfigError, preset
+from training.export import main as export_main
+from training.loaders import DataOptions
+from training.pretrain import RunOptions, build_parser, config_from_args, train
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"input_size": 8, "batch_size": 8, "dim": 8, "mlp_dim": 16}
+
+
+def tiny_cfg(version: str, **kw):
+    args = dict(TINY, epochs=1)
+    if version == "v3":
+        args.update(warmup_epochs=0.5)
+    else:
+        args.update(queue_size=32, shuffle_bn_groups=2)
+    args.update(kw)
+    return preset(version, "resnet18", **args)
+
+
+FMNIST = DataOptions(data="fashion-mnist", limit_train=16, knn_bank=32, knn_val=16)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_run_exports_an_encoder_that_loads_and_embeds(tmp_path, version):
+    run = RunOptions(out_dir=str(tmp_path / "run"), device="cpu", log_every=1)
+    summary = train(tiny_cfg(version), FMNIST, run)
+    encoder = MoCoEncoder.from_pretrained(summary["encoder"])
+    assert encoder.moco_version == version and encoder.arch == "resnet18"
+    assert encoder.input_size == 8 and encoder.small_stem
+    vec = encoder.embed([Image.new("RGB", (28, 28), (90, 90, 90))])
+    assert vec.shape == (1, 512)
+    acc = encoder.extra["knn_accuracy"]
+    assert 0.0 <= acc <= 1.0
+    assert encoder.extra["training_config"]["version"] == version
+    assert "knn_accuracy" in (Path(summary["encoder"]) / "README.md").read_text()
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in records if r["event"] == "step"]
+    assert len(steps) == 2 and {"loss", "lr", "m", "images_per_s"} <= set(steps[0])
+    epoch = next(r for r in records if r["event"] == "epoch")
+    assert epoch["knn_acc"] == acc
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, s in a["optimizer"]["state"].items():
+        for name, t in s.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, b["optimizer"]["state"][k][name]), (k, name)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert a["rng"][0]["python"] == b["rng"][0]["python"]
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, image_folder, version):
+    # v2 reads an image folder (PIL views, python RNG), v3 Fashion-MNIST (batched views).
+    cfg = tiny_cfg(version, epochs=2, knn_every=0)
+    if version == "v2":
+        data = DataOptions(data=str(image_folder), workers=0)
+    else:
+        data = DataOptions(data="fashion-mnist", limit_train=16)
+    whole = tmp_path / "whole"
+    train(cfg, data, RunOptions(out_dir=str(whole), device="cpu", export=False))
+    parts = tmp_path / "parts"
+    first = train(cfg, data, RunOptions(out_dir=str(parts), device="cpu", stop_after_epoch=1))
+    assert first["epochs"] == 1 and "encoder" not in first
+    assert ckpt_io.load(parts)["epoch"] == 1
+    torch.manual_seed(1234)  # the resumed run must not depend on the caller's RNG
+    train(cfg, data, RunOptions(out_dir=str(parts), device="cpu", resume="auto", export=False))
+    _assert_same_state(ckpt_io.load(whole), ckpt_io.load(parts))
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    cfg = tiny_cfg("v2", knn_every=0)
+    out = str(tmp_path / "r")
+    train(cfg, FMNIST, RunOptions(out_dir=out, device="cpu", export=False))
+    with pytest.raises(ConfigError, match="T differ"):
+        train(
+            tiny_cfg("v2", T=0.5),
+            FMNIST,
+            RunOptions(out_dir=out, device="cpu", resume="auto"),
+            explicit=["T"],
+        )
+
+
+def test_cli_overrides_any_field_on_top_of_the_preset():
+    args = build_parser().parse_args(
+        [
+            "--out-dir",
+            "x",
+            "--version",
+            "v1",
+            "--arch",
+            "resnet18",
+            "--T",
+            "0.1",
+            "--blur-p",
+            "0.5",
+            "0.5",
+            "--no-small-stem",
+            "--queue-size",
+            "4096",
+        ]
+    )
+    cfg, explicit = config_from_args(args, fashion_mnist=True)
+    assert cfg.version == "v1" and cfg.T == 0.1 and cfg.blur_p == (0.5, 0.5)
+    assert cfg.queue_size == 4096 and cfg.small_stem is False and cfg.input_size == 32
+    assert cfg.lr_schedule == "step" and cfg.m == 0.999  # the rest is the v1 preset
+    assert set(explicit) == {"version", "arch", "T", "blur_p", "small_stem", "queue_size"}
+
+
+def test_export_cli_writes_and_pushes(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train(tiny_cfg("v2"), FMNIST, RunOptions(out_dir=str(run), device="cpu", export=False))
+    pushed = {}
+    monkeypatch.setattr(
+        MoCoEncoder, "push_to_hub", lambda self, repo_id, **kw: pushed.setdefault("repo", repo_id)
+    )
+    out = tmp_path / "enc"
+    assert export_main([str(run / "checkpoint.pth"), str(out), "--push-to-hub", "me/moco"]) == 0
+    assert pushed == {"repo": "me/moco"}
+    assert "kNN accuracy" in capsys.readouterr().out
+    assert MoCoEncoder.from_pretrained(out).extra["epochs_trained"] == 1
+
+    def fail(self, repo_id, **kw):
+        raise OSError("offline")
+
+    monkeypatch.setattr(MoCoEncoder, "push_to_hub", fail)
+    assert export_main([str(run), str(tmp_path / "enc2"), "--push-to-hub", "me/moco"]) == 1
+    assert "huggingface-cli login" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "nothing"), str(tmp_path / "enc3")]) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "training" / "ddp_driver.py"),
+        str(tmp_path),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for version in ("v2", "v3"):
+        state = ckpt_io.load(tmp_path / version)
+        assert state["world_size"] == 2 and state["step"] == 2 and len(state["rng"]) == 2
+        assert state["rng"][0]["torch"].ne(state["rng"][1]["torch"]).any()  # own augmentations
+        encoder = MoCoEncoder.from_pretrained(tmp_path / version / "encoder")
+        assert encoder.extra["world_size"] == 2 and encoder.moco_version == version
+        log = (tmp_path / version / "log.jsonl").read_text()  # rank 0 only: one start line
+        assert log.count('"event": "start"') == 1

@@ -1,0 +1,103 @@
+"""`python -m training.export CHECKPOINT OUT_DIR [--push-to-hub REPO_ID]`: a run's base encoder
+as a `MoCoEncoder` in the ``save_pretrained`` layout, with its training record in the card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mocoretrieval.encoder import MoCoEncoder
+from mocoretrieval.errors import CheckpointError, MoCoRetrievalError
+from mocoretrieval.sources import load_state_dict_strict
+
+from . import checkpoint as ckpt_io
+
+_PREFIX = "base_encoder."
+
+
+def encoder_from_checkpoint(path: str | Path) -> MoCoEncoder:
+    """The trained base encoder of a checkpoint (the momentum encoder and predictor are left).
+
+    Its ``extra`` holds the training config, the data, the epochs trained and the kNN accuracy
+    measured on the labeled validation set, which the model card shows.
+    """
+    state = ckpt_io.load(path)
+    weights = {k[len(_PREFIX) :]: v for k, v in state["model"].items() if k.startswith(_PREFIX)}
+    if not weights:
+        raise CheckpointError(f"{path} holds no base encoder ('{_PREFIX}*' tensors)")
+    knn = state.get("knn") or []
+    extra: dict[str, Any] = {
+        "trained_with": "mocoretrieval training.pretrain",
+        "epochs_trained": state["epoch"],
+        "steps": state["step"],
+        "world_size": state.get("world_size", 1),
+        "data": state.get("data"),
+        "knn_accuracy": knn[-1]["knn_acc"] if knn else None,
+        "knn": {"k": state["config"]["knn_k"], "t": state["config"]["knn_t"], "history": knn},
+        "training_config": state["config"],
+    }
+    config = dict(state["encoder_config"], extra=extra)
+    config["source"] = f"mocoretrieval training.pretrain ({state['epoch']} epochs)"
+    encoder = MoCoEncoder.from_config(config)
+    load_state_dict_strict(encoder, weights, str(path))
+    return encoder.eval()
+
+
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> MoCoEncoder:
+    """Writes the checkpoint's encoder to ``out_dir`` and, with a repo id, uploads it.
+
+    Returns:
+        The exported encoder.
+    """
+    encoder = encoder_from_checkpoint(checkpoint)
+    encoder.save_pretrained(out_dir)
+    if push_to_hub:
+        try:
+            encoder.push_to_hub(push_to_hub, private=private)
+        except Exception as e:  # huggingface_hub raises HTTP, auth and offline errors
+            raise MoCoRetrievalError(
+                f"the encoder is saved in {out_dir} but the upload to {push_to_hub!r} failed "
+                f"({e}); log in with `huggingface-cli login` (or set HF_TOKEN), check the repo "
+                f"id, then run `python -m training.export {checkpoint} {out_dir} "
+                f"--push-to-hub {push_to_hub}` again"
+            ) from e
+    return encoder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m training.export",
+        description="Export a pretraining checkpoint's base encoder as a MoCoEncoder "
+        "(config.json, model.safetensors, README.md), optionally to the Hugging Face Hub.",
+    )
+    p.add_argument(
+        "checkpoint", help="checkpoint.pth written by training.pretrain (or its run folder)"
+    )
+    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    args = p.parse_args(argv)
+    try:
+        encoder = export(args.checkpoint, args.out_dir, args.push_to_hub, args.private)
+    except MoCoRetrievalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    acc = encoder.extra.get("knn_accuracy")
+    print(
+        f"wrote MoCo {encoder.moco_version} {encoder.arch} ({encoder.dim}-d) to {args.out_dir}"
+        + (f"; kNN accuracy {acc:.4f}" if acc is not None else "")
+        + (f"; uploaded to {args.push_to_hub}" if args.push_to_hub else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
