@@ -182,19 +182,25 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ImageError("empty file", path)
-            with warnings.catch_warnings():
-                # The warning is raised as our own error below, with the pixel count.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about odd but usable files (corrupt EXIF, palette transparency, the
+            # bomb threshold): per-file noise in a bulk run, so it goes to the debug log.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 img = Image.open(f)
-            limit = Image.MAX_IMAGE_PIXELS
-            pixels = img.width * img.height
-            if limit is not None and pixels > limit:
-                raise ImageError(f"decompression bomb ({pixels} pixels)", path)
-            if min_side and img.format == "JPEG":
-                img.draft("RGB", (min_side, min_side))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            img = to_rgb(img)
+                limit = Image.MAX_IMAGE_PIXELS
+                pixels = img.width * img.height
+                if limit is not None and pixels > limit:
+                    raise ImageError(f"decompression bomb ({pixels} pixels)", path)
+                if min_side and img.format == "JPEG":
+                    img.draft("RGB", (min_side, min_side))
+                img.load()
+                try:
+                    ImageOps.exif_transpose(img, in_place=True)
+                except Exception as e:  # noqa: BLE001 - bad EXIF leaves the pixels usable
+                    logger.debug("%s: EXIF orientation ignored: %s", path, e)
+                img = to_rgb(img)
+            for w in caught:
+                logger.debug("%s: %s", path, w.message)
         if min_side and min(img.size) >= 2 * min_side:
             # What draft mode cannot do (other formats, JPEGs past 1/8): an integer box
             # reduction, cheap, keeping the short side >= min_side for the resize that follows.

@@ -147,6 +147,13 @@ def test_saved_files_of_every_mode_load_as_rgb(tmp_path, ext, mode):
     assert out.mode == "RGB" and out.size == (20, 10)
 
 
+def test_corrupt_exif_keeps_the_pixels_and_stays_quiet(tmp_path, recwarn):
+    exif = b"Exif\x00\x00II*\x00\xff\xff\xff\x7f"  # IFD offset past the end of the block
+    path = _save(tmp_path / "bad_exif.jpg", Image.fromarray(_texture(40, 20)), exif=exif)
+    assert load_image(path).size == (40, 20)
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]
+
+
 def test_gif_gives_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
     path = tmp_path / "anim.gif"
@@ -162,7 +169,8 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = _save(tmp_path / "rot.jpg", img, exif=exif.tobytes())
-    assert Image.open(path).size == (80, 40)
+    with Image.open(path) as raw:
+        assert raw.size == (80, 40)
     assert load_image(path).size == (40, 80)
     assert load_image(path, min_side=10).size == (40 // 4, 80 // 4)  # with draft mode too
 
