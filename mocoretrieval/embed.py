@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # Decoding a draft-mode JPEG costs ~10 ms against ~100 ms of ResNet-50 per image on a CPU
 # core, so a few workers keep the model fed; more only take cores from the model.
 MAX_AUTO_WORKERS = 4
+MIN_FILES_FOR_WORKERS = 8
 
 
 @dataclass
@@ -72,15 +73,20 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def auto_workers(num_batches: int) -> int:
-    """Default number of decoding processes: one per core up to :data:`MAX_AUTO_WORKERS`.
+def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
+    """Default number of decoding processes for ``num_files`` files on ``device``.
 
-    A single batch gains nothing from workers (there is no model work to overlap), so it is
-    decoded in this process and the fork is saved.
+    On CPU the model needs the cores, and draft-mode decoding costs about a tenth of a
+    ResNet-50 forward, so :data:`MAX_AUTO_WORKERS` at most. On GPU decoding is the bottleneck:
+    every core but the one feeding the GPU. A handful of files is decoded in this process,
+    which is quicker than starting workers.
     """
-    if num_batches <= 1:
+    if num_files < MIN_FILES_FOR_WORKERS:
         return 0
-    return max(1, min(available_cpus(), MAX_AUTO_WORKERS, num_batches - 1))
+    cpus = available_cpus()
+    if torch.device(device).type == "cuda":
+        return max(1, cpus - 1)
+    return max(1, min(cpus, MAX_AUTO_WORKERS))
 
 
 def plan_chunks(n: int, batch_size: int, parts: int) -> tuple[list[list[int]], list[int]]:
@@ -157,9 +163,8 @@ def iter_embeddings(
         return
     dev = resolve_device(device)
     memory_format = _prepare_encoder(encoder, dev)
-    num_batches = -(-len(relpaths) // batch_size)
     if workers is None:
-        workers = auto_workers(num_batches)
+        workers = auto_workers(len(relpaths), dev)
     # Each model batch is decoded as one chunk per worker, so that all workers decode the
     # first batch together instead of the model waiting for one of them to decode it alone.
     chunks, chunks_per_batch = plan_chunks(len(relpaths), batch_size, max(workers, 1))

@@ -124,8 +124,9 @@ def test_resolve_device():
 
 
 def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
-    assert auto_workers(1) == 0
+    assert auto_workers(3) == 0
     assert 1 <= auto_workers(100) <= 4
+    assert auto_workers(100, "cuda") >= 1
     with pytest.raises(MoCoRetrievalError, match="batch_size"):
         list(iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0))
 
