@@ -149,19 +149,23 @@ def iter_embeddings(
         device: torch device; None picks CUDA when available, else CPU.
         progress: called after each batch with the number of files that batch finished
             (embedded + skipped), e.g. ``tqdm.update``.
-        prefetch_factor: batches each worker decodes ahead.
+        prefetch_factor: chunks (a batch's share) each worker decodes ahead.
 
-    Yields:
-        One :class:`EmbeddedBatch` per batch of ``relpaths``.
+    Returns:
+        An iterator of one :class:`EmbeddedBatch` per batch of ``relpaths``; arguments are
+        checked, and the device resolved, before it is returned.
+
+    Raises:
+        MoCoRetrievalError: a bad ``batch_size``, ``workers`` or ``device``.
     """
     if batch_size < 1:
         raise MoCoRetrievalError(f"batch_size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise MoCoRetrievalError(f"workers must be 0 or more, got {workers}")
     relpaths = list(relpaths)
-    if not relpaths:
-        return
     dev = resolve_device(device)
+    if not relpaths:
+        return iter(())
     memory_format = _prepare_encoder(encoder, dev)
     if workers is None:
         workers = auto_workers(len(relpaths), dev)
@@ -178,26 +182,36 @@ def iter_embeddings(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
     )
+    logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
+    return _embed_batches(encoder, loader, relpaths, chunks_per_batch, dev, memory_format, progress)
+
+
+def _embed_batches(
+    encoder: Any,
+    loader: DataLoader,
+    relpaths: list[str],
+    chunks_per_batch: list[int],
+    dev: torch.device,
+    memory_format: torch.memory_format | None,
+    progress: Callable[[int], None] | None,
+) -> Iterator[EmbeddedBatch]:
     fmt = memory_format or torch.preserve_format
     dim = int(getattr(encoder, "dim", 0))
-    logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
     decoded = iter(loader)
-    with torch.inference_mode():
-        for num_chunks in chunks_per_batch:
-            parts: list[DecodedBatch] = [next(decoded) for _ in range(num_chunks)]
-            skipped = [(relpaths[i], reason) for part in parts for i, reason in part.failed]
-            for path, reason in skipped:
-                logger.info("skipped %s: %s", path, reason)
-            images = [
-                part.images.to(dev, non_blocking=True) for part in parts if part.images is not None
-            ]
-            if images:
-                batch = (images[0] if len(images) == 1 else torch.cat(images)).to(memory_format=fmt)
-                vectors = np.asarray(encoder.embed(batch), dtype=np.float32)
-            else:
-                vectors = np.zeros((0, dim), dtype=np.float32)
-            paths = [relpaths[i] for part in parts for i in part.indices]
-            out = EmbeddedBatch(paths, vectors, skipped)
-            if progress is not None:
-                progress(len(out))
-            yield out
+    for num_chunks in chunks_per_batch:
+        parts: list[DecodedBatch] = [next(decoded) for _ in range(num_chunks)]
+        skipped = [(relpaths[i], reason) for part in parts for i, reason in part.failed]
+        for path, reason in skipped:
+            logger.info("skipped %s: %s", path, reason)
+        images = [p.images.to(dev, non_blocking=True) for p in parts if p.images is not None]
+        if images:
+            # Not around the yield: inference mode is thread state and would leak to the caller.
+            with torch.inference_mode():
+                batch = images[0] if len(images) == 1 else torch.cat(images)
+                vectors = np.asarray(encoder.embed(batch.to(memory_format=fmt)), dtype=np.float32)
+        else:
+            vectors = np.zeros((0, dim), dtype=np.float32)
+        out = EmbeddedBatch([relpaths[i] for p in parts for i in p.indices], vectors, skipped)
+        if progress is not None:
+            progress(len(out))
+        yield out

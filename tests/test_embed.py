@@ -127,8 +127,17 @@ def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
     assert auto_workers(3) == 0
     assert 1 <= auto_workers(100) <= 4
     assert auto_workers(100, "cuda") >= 1
-    with pytest.raises(MoCoRetrievalError, match="batch_size"):
-        list(iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0))
+    with pytest.raises(MoCoRetrievalError, match="batch_size"):  # at the call, not at next()
+        iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0)
+    with pytest.raises(MoCoRetrievalError, match="workers"):
+        iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], workers=-1)
+
+
+def test_inference_mode_does_not_leak_to_the_caller(image_folder, tiny_encoder):
+    rel = walk_images(image_folder)[:4]
+    for _ in iter_embeddings(tiny_encoder, image_folder, rel, batch_size=2, workers=0):
+        assert not torch.is_inference_mode_enabled()
+        assert torch.is_grad_enabled()
 
 
 def test_plan_chunks_splits_each_batch_between_workers():
