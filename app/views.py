@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 # Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 384 px JPEG ~30 kB,
 # and a gallery cell is smaller than that anyway.
 THUMB_SIDE = 384
+THUMB_THREADS = 4
 MAX_K = 100
 # Phone photos are 3-15 MB; 50 MB leaves room for panoramas and still bounds what one request
 # can make the server store and decode. Pixels are bounded separately, by `load_image`'s
@@ -153,22 +155,27 @@ def gallery_items(
     Returns:
         (items, their relative paths, how many results were left out).
     """
-    items, paths, left_out = [], [], 0
-    for r in results:
-        rel = relative_path(root, r.path)
-        try:
-            thumb = thumbnail(resolve_in_root(root, rel))
-        except PathOutsideRootError as e:
-            logger.warning("%s", e)
-            left_out += 1
-            continue
-        except ImageError as e:
-            logger.info("not shown: %s", e)
-            left_out += 1
-            continue
-        items.append((thumb, _caption(rel, r.score)))
-        paths.append(rel)
-    return items, paths, left_out
+    rels = [relative_path(root, r.path) for r in results]
+    # Pillow releases the GIL while decoding, so the thumbnails are made in parallel threads.
+    with ThreadPoolExecutor(max_workers=THUMB_THREADS) as pool:
+        thumbs = list(pool.map(lambda rel: _safe_thumbnail(root, rel), rels))
+    items, paths = [], []
+    for rel, r, thumb in zip(rels, results, thumbs):
+        if thumb is not None:
+            items.append((thumb, _caption(rel, r.score)))
+            paths.append(rel)
+    return items, paths, len(rels) - len(items)
+
+
+def _safe_thumbnail(root: str | Path, rel: str) -> Image.Image | None:
+    """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable."""
+    try:
+        return thumbnail(resolve_in_root(root, rel))
+    except PathOutsideRootError as e:
+        logger.warning("%s", e)
+    except ImageError as e:
+        logger.info("not shown: %s", e)
+    return None
 
 
 def clamp_k(k: Any, default: int = 10) -> int:

@@ -6,6 +6,7 @@ Playwright download; ``MOCORETRIEVAL_CHROMIUM`` points elsewhere.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -57,7 +58,9 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, served):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, permissions=["clipboard-read", "clipboard-write"]
+    )
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.requested = []  # every URL the page asks for
@@ -95,6 +98,23 @@ def test_upload_shows_neighbours_and_click_searches_again(page, served, tmp_path
     # Private photos: the page fetches nothing from other sites (fonts, scripts, telemetry).
     url = served[0]
     assert page.requested and all(u.startswith((url, "data:", "blob:")) for u in page.requested)
+
+
+def test_paste_from_the_clipboard_searches(page, served):
+    from playwright.sync_api import expect
+
+    _, index = served
+    png = base64.b64encode((index.root / "img_0005.png").read_bytes()).decode()
+    page.evaluate(
+        """async (b64) => {
+          const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+          const item = new ClipboardItem({"image/png": new Blob([bytes], {type: "image/png"})});
+          await navigator.clipboard.write([item]);
+        }""",
+        png,
+    )
+    page.get_by_role("button", name="Paste from clipboard").click()
+    expect(page.locator("#results .caption-label").first).to_contain_text("· img_0005.png")
 
 
 def test_bad_uploads_show_a_message(page, tmp_path):
