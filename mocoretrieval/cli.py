@@ -137,9 +137,14 @@ def _shown(path: str) -> str:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .index import ImageIndex
+    from .onnx_backend import index_model
 
+    model = index_model(
+        args.model, args.backend, args.device, index_dir=args.index, root=args.root,
+        quantize=args.quantize,
+    )
     index = ImageIndex.create(
-        args.root, args.model, args.index, index_type=args.index_type, rebuild=args.rebuild,
+        args.root, model, args.index, index_type=args.index_type, rebuild=args.rebuild,
         device=args.device,
     )
     progress = _Progress(args.quiet)
@@ -169,8 +174,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from .index import ImageIndex
+    from .onnx_backend import index_model
 
-    index = ImageIndex.open(args.index, device=args.device)
+    model = index_model(None, args.backend, args.device, index_dir=args.index)
+    index = ImageIndex.open(args.index, model=model, device=args.device)
     results = index.search_batch(args.images, k=args.k)
     if args.json:
         out = [
@@ -219,6 +226,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default="auto",
+        help="inference backend: auto (default) runs onnxruntime on CPU, exporting the model "
+        "once into ~/.cache/mocoretrieval/onnx, and torch on a GPU",
+    )
+
+
 _INDEX_HELP = "index directory or indexed folder (default: found here or in a parent folder)"
 
 
@@ -248,6 +265,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "up to 50k images, then IVF tuned for recall@10 >= 0.95)",
     )
     p.add_argument("--rebuild", action="store_true", help="forget every embedding and start over")
+    _add_backend_arguments(p)
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="embed with a static int8 onnxruntime model, calibrated once on a sample of ROOT "
+        "(faster on CPUs with VNNI; see benchmarks/RESULTS.md for its recall)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_index)
 
@@ -258,6 +282,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
     p.add_argument("--device", help="torch device for the model (default: automatic)")
+    _add_backend_arguments(p)
     p.add_argument("--json", action="store_true", help='print [{"query", "results": [{"path", '
                    '"score"}]}] instead of a table')
     p.set_defaults(func=_cmd_search)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .backbones import RESNETS, VITS
 from .encoder import MoCoEncoder
-from .errors import BackendError
+from .errors import BackendError, MoCoRetrievalError
 from .onnx_export import (
     FORMAT_VERSION,
     _parse_metadata,
@@ -324,9 +324,72 @@ def load_backend(
     if isinstance(source, MoCoEncoder):
         encoder = source
     else:
+        # Local paths made absolute, as the index records them: it must find them from anywhere.
+        path = Path(source).expanduser()
+        source = str(path.resolve()) if path.exists() else str(source)
         encoder = MoCoEncoder.from_pretrained(source, device="cpu" if backend == "onnx" else device)
     if backend == "torch":
         return encoder.to(device).eval()
     path = cached_onnx(encoder, cache_dir, quantize, calibration_images)
     logger.info("embedding with onnxruntime (%s)", path.name)
     return OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
+
+
+def index_model(
+    model: Any = None,
+    backend: str = "auto",
+    device: str | None = None,
+    *,
+    index_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    quantize: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Any:
+    """The ``model`` to give :class:`~mocoretrieval.index.ImageIndex` for the chosen backend.
+
+    With torch, ``model`` unchanged: the index loads it (or its own) as always. With onnx, an
+    :class:`OnnxEncoder` of ``model``, else of the source the existing index was built with,
+    else of the default model. The index checks its weights hash like any encoder's.
+
+    Args:
+        model: a model source or encoder, or None for the index's own.
+        backend, device, quantize, cache_dir: see :func:`load_backend`.
+        index_dir: the index directory, or an indexed folder; None looks in ``root`` (or the
+            current folder and its parents when ``root`` is None too).
+        root: the image folder being indexed; int8 is calibrated on a sample of its images.
+    """
+    from .layout import find_index_dir, read_manifest
+
+    chosen, device = choose_backend("onnx" if quantize and backend == "auto" else backend, device)
+    if chosen == "torch" and quantize is None:
+        return model
+    if root is not None and not Path(root).is_dir():
+        return model  # the index says what is wrong, before any model is loaded
+    if model is None:
+        try:
+            found = find_index_dir(index_dir if index_dir is not None else root)
+        except MoCoRetrievalError:
+            if root is None:
+                return None  # nothing to search: the index says so
+            from .sources import DEFAULT_MODEL
+
+            model = DEFAULT_MODEL  # a new index
+        else:
+            model = read_manifest(found)["encoder"]["source"]
+            if model is None:
+                return None  # built with an unsaved encoder: the index says what to do
+    calibration = None
+    if quantize is not None and root is not None:
+        from .data import walk_images
+
+        # Hidden folders, the default index among them, are never walked.
+        skip = [Path(index_dir)] if index_dir is not None else []
+        calibration = [Path(root) / p for p in walk_images(root, exclude=skip)]
+    return load_backend(
+        model,
+        backend,
+        device,
+        cache_dir=cache_dir,
+        quantize=quantize,
+        calibration_images=calibration,
+    )

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import BackendError
+from .errors import BackendError, ImageError
 from .onnx_backend import OnnxEncoder
 from .onnx_export import read_metadata, sidecar_path, write_metadata
 
@@ -41,21 +41,22 @@ def calibration_batches(
     images: Iterable[str | Path | Image.Image],
     max_images: int = CALIBRATION_IMAGES,
     batch_size: int = CALIBRATION_BATCH,
+    min_side: int | None = None,
 ) -> list[np.ndarray]:
     """Preprocessed (B, 3, S, S) float32 batches of up to ``max_images`` images.
 
-    Unreadable files are skipped with a warning, as when indexing.
+    Files are decoded as indexing decodes them (:func:`~mocoretrieval.data.load_image`, with
+    ``min_side``), so calibration sees the pixels the model will see; unreadable ones are
+    skipped with a warning.
     """
+    from .data import load_image
+
     tensors = []
     for item in sample_evenly(list(images), max_images):
         try:
-            if isinstance(item, Image.Image):
-                image = item
-            else:
-                with Image.open(item) as im:
-                    image = im.convert("RGB")
+            image = item if isinstance(item, Image.Image) else load_image(item, min_side=min_side)
             tensors.append(preprocess(image.convert("RGB")))
-        except (OSError, ValueError) as e:
+        except (ImageError, OSError, ValueError) as e:
             logger.warning("calibration: skipping %s: %s", item, e)
     if not tensors:
         raise BackendError("no readable image to calibrate int8 on; pass a folder with images")
@@ -125,7 +126,7 @@ def quantize_int8(
     if meta.get("quantize"):
         raise BackendError(f"{fp32_path} is already quantized ({meta['quantize']})")
     fp32 = OnnxEncoder(fp32_path)
-    batches = calibration_batches(fp32.preprocess, images, max_images)
+    batches = calibration_batches(fp32.preprocess, images, max_images, min_side=fp32.resize_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"

@@ -13,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MOCORETRIEVAL_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache(tmp_path_factory):
+    """Models the onnx backend exports are cached in a temporary folder, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOCORETRIEVAL_CACHE", str(tmp_path_factory.mktemp("model_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

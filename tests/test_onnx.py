@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -45,8 +46,10 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx_cache")
+def cache_dir():
+    # The session's model cache (conftest points it at a temporary folder): the CLI tests below
+    # then reuse the exports of the tests above instead of exporting the same weights again.
+    return ob.default_cache_dir()
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +275,39 @@ def test_cli_export_onnx_writes_a_usable_file(tmp_path, tiny_encoder_dir, images
 
     assert main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("built_with, searched_with", [("onnx", "torch"), ("torch", "auto")])
+def test_index_from_one_backend_is_searchable_with_the_other(
+    built_with, searched_with, tmp_path, image_folder, tiny_encoder_dir, capsys
+):
+    from mocoretrieval.cli import main
+
+    index = tmp_path / "index"
+    argv = ["index", str(image_folder), "--model", str(tiny_encoder_dir), "--index", str(index)]
+    assert main([*argv, "--backend", built_with, "-q"]) == 0
+    capsys.readouterr()
+    queries = sorted(image_folder.glob("*.jpg"))[:3]
+    search = ["search", *map(str, queries), "--index", str(index), "-k", "3", "--json"]
+    assert main([*search, "--backend", searched_with]) == 0
+    for query, found in zip(queries, json.loads(capsys.readouterr().out)):
+        top = found["results"][0]
+        assert os.path.samefile(top["path"], query)
+        assert top["score"] >= 0.9999  # the same image, embedded by the other backend
+
+
+def test_index_with_int8_calibrates_on_the_folder(tmp_path, image_folder, tiny_encoder_dir, capsys):
+    from mocoretrieval.cli import main
+
+    for old in ob.default_cache_dir().glob("*-int8.onnx"):
+        old.unlink()  # calibrate here, on this folder
+    index = tmp_path / "index"
+    argv = ["index", str(image_folder), "--model", str(tiny_encoder_dir), "--index", str(index)]
+    assert main([*argv, "--quantize", "int8", "-q"]) == 0
+    (int8,) = ob.default_cache_dir().glob("*-int8.onnx")
+    assert OnnxEncoder.from_file(int8).meta["calibration_images"] == 18  # every image: 12 + 6
+    capsys.readouterr()
+    query = min(image_folder.glob("*.png"))
+    assert main(["search", str(query), "--index", str(index), "--backend", "torch", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["results"][0]
+    assert os.path.samefile(top["path"], query) and top["score"] > 0.99
