@@ -112,15 +112,12 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Converts an image of any Pillow mode to RGB; transparency is composited on white."""
-    if img.mode == "RGB":
+    has_key = "transparency" in img.info and img.mode in ("P", "L", "RGB")  # a colour key
+    if img.mode == "RGB" and not has_key:
         return img
     if img.mode in _HIGH_DEPTH_MODES:
         img = _high_depth_to_l(img)
-    if (
-        "transparency" in img.info
-        and img.mode in ("P", "L", "RGB")
-        or img.mode in ("PA", "La", "RGBa", "LA")
-    ):
+    if has_key or img.mode in _ALPHA_MODES:
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         out = Image.new("RGB", img.size, (255, 255, 255))

@@ -119,6 +119,14 @@ def test_transparency_is_composited_on_white():
     assert np.array(to_rgb(_modes()["RGBA"])).min() == 255
 
 
+def test_colour_key_transparency_is_composited_on_white(tmp_path):
+    img = Image.new("RGB", (6, 4), (10, 20, 30))
+    img.putpixel((0, 0), (200, 0, 0))
+    path = _save(tmp_path / "key.png", img, transparency=(10, 20, 30))
+    out = np.array(load_image(path))
+    assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[3, 5]) == (255, 255, 255)
+
+
 def test_16_bit_is_rescaled_not_clipped():
     arr = np.array(to_rgb(_modes()["I;16"]))[..., 0]
     assert 0 < arr.mean() < 255 and arr.max() > 200 and arr.min() < 10
