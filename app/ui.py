@@ -113,17 +113,26 @@ def build_app(
         with gr.Tab("Near-duplicates"):
             with gr.Row():
                 threshold = gr.Slider(
-                    0.5, 1.0, value=DEFAULT_DUPLICATE_THRESHOLD, step=0.01, label="Similarity ≥"
+                    0.5,
+                    1.0,
+                    value=DEFAULT_DUPLICATE_THRESHOLD,
+                    step=0.001,
+                    label="Similarity ≥",
+                    elem_id="threshold",
                 )
                 find = gr.Button("Find near-duplicates")
-            dup_message = gr.Markdown()
+            dup_message = gr.Markdown(elem_id="dup-message")
             group = gr.Dropdown(label="Group", choices=[], interactive=True)
             group_gallery = gr.Gallery(
-                label="Images in the group", columns=5, format="jpeg", allow_preview=True
+                label="Images in the group",
+                columns=5,
+                format="jpeg",
+                allow_preview=True,
+                elem_id="group",
             )
             groups, labels = gr.State([]), gr.State([])
         with gr.Tab("Index"):
-            gr.Markdown(views.index_summary(index), elem_id="summary")
+            summary = gr.Markdown(views.index_summary(index), elem_id="summary")
 
         results = [gallery, message, paths, last_query]
         # preprocess=False: the handler gets the uploaded file's path and decodes it itself, so
@@ -147,4 +156,7 @@ def build_app(
             api_visibility="private",
         )
         group.input(on_group, [group, groups, labels], group_gallery, api_visibility="private")
+        # Re-read on each page load: `mocoretrieval index` may have updated the index meanwhile
+        # (searches see such updates too: the index reloads its FAISS file when it changed).
+        page.load(lambda: views.index_summary(index), None, summary, api_visibility="private")
     return page

@@ -133,10 +133,24 @@ def test_bad_uploads_show_a_message(page, tmp_path):
     assert "Traceback" not in page.content()
 
 
-def test_summary_and_examples_are_on_the_page(page, served):
+def test_examples_duplicates_and_summary(page, served):
     from playwright.sync_api import expect
 
     _, index = served
-    expect(page.locator("#examples .caption-label").first).to_be_visible()
+    example = page.locator("#examples .caption-label").first
+    expect(example).to_be_visible()
+    page.locator("#examples button.thumbnail-item").first.click()  # search from an example
+    expect(page.locator("#results .caption-label").first).to_contain_text(
+        f"· {example.inner_text()}"
+    )
+
+    page.get_by_role("tab", name="Near-duplicates").click()
+    page.locator("#threshold input[type=number]").fill("0.999")
+    page.locator("#threshold input[type=number]").press("Enter")
+    page.get_by_role("button", name="Find near-duplicates").click()
+    expect(page.locator("#dup-message")).to_contain_text("1 group(s), 2 images")
+    expect(page.locator("#group")).to_contain_text("sub/copy_of_4.jpg")
+    expect(page.locator("#group")).to_contain_text("img_0004.jpg")
+
     page.get_by_role("tab", name="Index").click()
     expect(page.locator("#summary")).to_contain_text(f"Images: {len(index)}")

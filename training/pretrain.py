@@ -47,6 +47,9 @@ class RunOptions:
     device: str | None = None  # default: this process's GPU if there is one, else the CPU
     resume: str | None = None  # checkpoint to continue from ("auto": OUT_DIR's, if any)
     stop_after_epoch: int | None = None  # leave after this epoch (a job slot ends), resumable
+    # Leave after the epoch at which one more epoch would overrun this many seconds of the
+    # run (resumable): for fixed time slots and benchmarks.
+    time_limit_s: float | None = None
     log_every: int = 50  # steps between step log lines
     export: bool = True  # write OUT_DIR/encoder at the end
     push_to_hub: str | None = None  # and upload it to this Hub repo id
@@ -199,7 +202,9 @@ def train(
     last_epoch = (
         cfg.epochs if run.stop_after_epoch is None else min(cfg.epochs, run.stop_after_epoch)
     )
+    run_start, done = time.monotonic(), start_epoch
     for epoch in range(start_epoch, last_epoch):
+        epoch_start = time.monotonic()
         sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -271,15 +276,23 @@ def train(
                 out / ckpt_io.CHECKPOINT_NAME,
             )
         log(**record)
+        done = epoch + 1
+        now = time.monotonic()
+        out_of_time = run.time_limit_s is not None and (
+            now - run_start + (now - epoch_start) > run.time_limit_s
+        )
+        if dist.all_gather_object(out_of_time)[0] and done < last_epoch:
+            log(event="time_limit", epoch=epoch, seconds=now - run_start)
+            break
         dist.barrier()
 
     summary: dict[str, Any] = {
-        "epochs": last_epoch,
+        "epochs": done,
         "step": step,
         "knn": knn_history,
         "checkpoint": str(out / ckpt_io.CHECKPOINT_NAME),
     }
-    if rank == 0 and run.export and last_epoch == cfg.epochs:
+    if rank == 0 and run.export and done == cfg.epochs:
         from .export import export
 
         export(out / ckpt_io.CHECKPOINT_NAME, out / "encoder", push_to_hub=run.push_to_hub)
@@ -329,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint (no value: OUT_DIR/checkpoint.pth)",
     )
     p.add_argument("--stop-after-epoch", type=int, help="leave after this epoch; resume later")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        help="leave at the epoch end after which another epoch would pass this many "
+        "seconds; resume later",
+    )
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--no-export", action="store_true", help="do not write OUT_DIR/encoder")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the encoder at the end")
@@ -384,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         resume=args.resume,
         stop_after_epoch=args.stop_after_epoch,
+        time_limit_s=args.time_limit_s,
         log_every=args.log_every,
         export=not args.no_export,
         push_to_hub=args.push_to_hub,
