@@ -6,6 +6,7 @@ from .data import IMAGE_EXTENSIONS, load_image, walk_images
 from .embed import EmbeddedBatch, iter_embeddings
 from .encoder import MoCoEncoder
 from .errors import (
+    BackendError,
     CheckpointError,
     ImageError,
     IndexFormatError,
@@ -14,6 +15,8 @@ from .errors import (
     SourceError,
     UnsafeCheckpointError,
 )
+from .onnx_backend import OnnxEncoder, load_backend
+from .onnx_export import export_onnx
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
 
 __version__ = "0.1.0"
@@ -35,6 +38,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "IMAGE_EXTENSIONS",
     "OFFICIAL",
+    "BackendError",
     "CheckpointError",
     "EmbeddedBatch",
     "ImageError",
@@ -43,12 +47,15 @@ __all__ = [
     "ModelMismatchError",
     "MoCoEncoder",
     "MoCoRetrievalError",
+    "OnnxEncoder",
     "SearchResult",
     "SourceError",
     "UnsafeCheckpointError",
     "UpdateReport",
     "convert",
+    "export_onnx",
     "iter_embeddings",
+    "load_backend",
     "load_image",
     "walk_images",
 ]
