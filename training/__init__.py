@@ -1,0 +1,1 @@
+"""MoCo pretraining: recipes, model, engine, export (imports neither faiss nor gradio)."""

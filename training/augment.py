@@ -1,7 +1,9 @@
 """The two augmented views of MoCo: PIL pipelines for image files, batched ones for tensors.
 
 Both follow the config's recipe: RandomResizedCrop, colour jitter, grayscale, Gaussian blur,
-solarize, horizontal flip, normalise. The batched version draws every random parameter per
+solarize, horizontal flip, normalise. That is the order of v2 and v3; v1's code converts to
+grayscale before the jitter, which only changes what the jitter's saturation and hue factors
+act on in the 20% of gray views. The batched version draws every random parameter per
 image and runs on the batch's device, so an in-memory dataset (Fashion-MNIST) is augmented on
 the GPU at the speed of the model instead of by CPU workers.
 """
