@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mocoretrieval.errors import MoCoRetrievalError
+from mocoretrieval.data import IMAGE_EXTENSIONS, load_image, walk_images
+from mocoretrieval.errors import ImageError, MoCoRetrievalError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)  # measured on the 60k training images
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class TrainingDataError(MoCoRetrievalError):
@@ -104,42 +103,11 @@ def fashion_mnist(
 # --- image folders --------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
-        found += [
-            (rel / f).as_posix()
-            for f in filenames
-            if not f.startswith(".") and Path(f).suffix.lower() in _EXTENSIONS
-        ]
-    return sorted(found)
-
-
-def _decode(path: str, min_side: int | None) -> Image.Image:
-    """Opens ``path`` as RGB; JPEGs decode at reduced size (draft) when ``min_side`` allows."""
-    with Image.open(path) as img:
-        if min_side and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        return img.convert("RGB")
-
-
-try:  # the indexing path's decoder, so that training and indexing accept the same files
-    from mocoretrieval.data import load_image as _load_image  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older mocoretrieval
-    _load_image = None
-
-
-def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Decodes one image file to RGB; raises for a broken file (any exception)."""
-    if _load_image is not None:
-        return _load_image(path, min_side)
-    return _decode(path, min_side)
-
-
 class RobustImageDataset(Dataset):
     """Images under a folder; a file that fails to decode is skipped for the next one.
+
+    Files are found and decoded as indexing does (:func:`mocoretrieval.data.walk_images`,
+    :func:`mocoretrieval.data.load_image`: EXIF orientation, any colour mode, JPEG draft).
 
     Args:
         root: the folder (walked recursively, hidden files skipped).
@@ -158,10 +126,10 @@ class RobustImageDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise TrainingDataError(f"{self.root} is not a folder; pass the folder of images")
-        self.files = _walk(self.root)
+        self.files = walk_images(self.root)
         if not self.files:
             raise TrainingDataError(
-                f"no images under {self.root} (looked for {sorted(_EXTENSIONS)})"
+                f"no images under {self.root} (looked for {sorted(IMAGE_EXTENSIONS)})"
             )
         self.transform, self.min_side = transform, min_side
         self.classes: list[str] = []
@@ -182,10 +150,10 @@ class RobustImageDataset(Dataset):
     def __getitem__(self, i: int):
         for attempt in range(min(len(self.files), 16)):
             j = (i + attempt) % len(self.files)
-            try:
-                img = load_rgb(str(self.root / self.files[j]), self.min_side)
-            except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad files
-                logger.warning("skipping unreadable image %s: %s", self.files[j], e)
+            try:  # the decoder of indexing: training and indexing skip the same files
+                img = load_image(self.root / self.files[j], self.min_side)
+            except ImageError as e:
+                logger.warning("skipping %s", e)
                 continue
             out = self.transform(img)
             return (out, self.labels[j]) if self.labels else out

@@ -6,6 +6,7 @@ an image folder is decoded and augmented by data-loader worker processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,10 @@ class FolderPairs:
         views = TwoViews(
             pil_view_transform(cfg, 0, mean, std), pil_view_transform(cfg, 1, mean, std)
         )
-        self.dataset = RobustImageDataset(root, views, min_side=cfg.input_size)
+        # JPEG draft decoding may shrink an image only as far as keeps the smallest crop
+        # (crop_min of the area) at the input resolution, so that crops are not upsampled.
+        min_side = math.ceil(cfg.input_size / math.sqrt(cfg.crop_min))
+        self.dataset = RobustImageDataset(root, views, min_side=min_side)
         self.workers = workers
 
     def __len__(self) -> int:
