@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
         f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
         f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; load average before the run "
-        f"{load_before:.2f}; best of {args.rounds} interleaved rounds."
+        f"{torch.get_num_threads()} torch threads; load average {load_before:.2f} before the "
+        f"run, {os.getloadavg()[0]:.2f} after; best of {args.rounds} interleaved rounds."
     )
     table = "\n".join(lines)
     print()
