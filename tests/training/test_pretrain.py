@@ -180,6 +180,10 @@ def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
         cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    eq = json.loads((tmp_path / "equivalence.json").read_text())
+    assert eq["v2"] == pytest.approx(eq["v2_ref"], abs=1e-5)
+    assert eq["v3"] == pytest.approx(eq["v3_ref"], abs=1e-5)
+    assert eq["queue_err"] < 1e-6
     for version in ("v2", "v3"):
         state = ckpt_io.load(tmp_path / version)
         assert state["world_size"] == 2 and state["step"] == 2 and len(state["rng"]) == 2
