@@ -8,6 +8,7 @@ Measures, in one run and on the same random-weight encoder and batch size:
   (draft-mode decoding in worker processes, overlapped with the model);
 - ``cli index`` (with ``--cli``, once the command exists): ``mocoretrieval index`` as a user runs
   it, process start and model loading included;
+- ``decoding only``: ``iter_embeddings`` with a null encoder: the decoding pipeline alone;
 - ``naive batched``: full PIL decode -> transform -> model (default layout, ``no_grad``), in
   one process, batched like the others;
 - ``naive 1-by-1`` (with ``--naive-1``): the same one image at a time.
@@ -104,6 +105,20 @@ def run_pipeline(encoder: MoCoEncoder, folder: Path, rel: list[str], args) -> No
         raise RuntimeError(f"embedded {done} of {len(rel)} files")
 
 
+class NullEncoder:
+    """The embedding protocol without a model: what is left is the decoding pipeline."""
+
+    is_resnet = False
+    dim = 1
+
+    def __init__(self, encoder: MoCoEncoder) -> None:
+        self.preprocess, self.resize_size = encoder.preprocess, encoder.resize_size
+        self.input_size = encoder.input_size
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        return np.ones((len(batch), 1), dtype=np.float32)
+
+
 def run_naive(encoder: MoCoEncoder, folder: Path, rel: list[str], batch_size: int) -> None:
     tf = encoder.preprocess
     with torch.no_grad():
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "model-only": lambda: run_model_only(encoder, n, args.batch_size),
         "iter_embeddings": lambda: run_pipeline(encoder, args.folder, rel, args),
         "naive batched": lambda: run_naive(naive_encoder, args.folder, rel, args.batch_size),
+        "decoding only": lambda: run_pipeline(NullEncoder(encoder), args.folder, rel, args),
     }
     if args.naive_1:
         methods["naive 1-by-1"] = lambda: run_naive(naive_encoder, args.folder, rel, 1)
