@@ -29,9 +29,13 @@ EXACT_MAX = 50_000
 TARGET_RECALL = 0.95  # recall@10 against exact search, measured on a sample of stored vectors
 TUNE_QUERIES = 256  # ~0.4 % standard error on a recall near 0.95 (256 x 10 neighbours)
 TUNE_K = 10
-# IVF training sample: the FAISS guidelines ask for 30*K to 256*K points for K centroids;
-# 64*K keeps k-means to seconds at 1M vectors.
-TRAIN_PER_LIST = 64
+# IVF training sample: the FAISS guidelines ask for 30*K to 256*K points for K centroids, and
+# FAISS warns below 39*K. k-means is most of the build time, so take the low end.
+TRAIN_PER_LIST = 40
+# Candidates re-ranked exactly per result wanted (k_factor_rf), tried in turn until nprobe can
+# reach the target: 4 recovers the recall lost to 4-bit codes at the same nprobe as a float
+# IVF (measured: 0.954 vs 0.958 at 200k x 512); fewer dimensions need more.
+REFINE_FACTORS = (4, 8, 16, 32)
 
 
 def faiss_module():
@@ -46,14 +50,19 @@ def faiss_module():
 def auto_factory(n: int, dim: int) -> str:
     """The FAISS factory string the index uses for ``n`` vectors when none is given.
 
-    Exact ``Flat`` up to :data:`EXACT_MAX`; beyond, ``IVF{K},Flat`` with K = 4 * sqrt(n), the low
-    end of the FAISS guideline range (4 to 16 * sqrt(n)) — fewer, larger lists train faster and
-    reach the recall target with a small nprobe.
+    Exact ``Flat`` up to :data:`EXACT_MAX`. Beyond, an inverted file with K = 4 * sqrt(n) lists,
+    the low end of the FAISS guideline range (4 to 16 * sqrt(n)): fewer, larger lists train
+    faster. The lists hold 4-bit PQ fast-scan codes (one sub-quantizer per 4 dimensions) whose
+    candidates are re-ranked with the exact vectors (``RFlat``, :data:`REFINE_FACTORS`): André
+    et al., "Quicker ADC", TPAMI 2019. Measured here at 200k x 512 and recall@10 0.95, nprobe
+    128 of 1800 lists: p50 0.34 ms against 2.87 ms for the same lists holding float vectors.
     """
-    del dim  # the choice does not depend on it (yet); kept for factory strings that do (PCA)
     if n <= EXACT_MAX:
         return "Flat"
-    return f"IVF{round(4 * math.sqrt(n))},Flat"
+    lists = round(4 * math.sqrt(n))
+    if dim % 4:
+        return f"IVF{lists},Flat"
+    return f"IVF{lists},PQ{dim // 4}x4fs,RFlat"
 
 
 def check_factory(factory: str, dim: int) -> None:
@@ -126,10 +135,34 @@ def build(
             "--index-type out for the automatic choice"
         ) from e
     built = BuiltIndex(index=index, factory=factory, trained_on=trained_on)
-    if tune:
-        built.params, built.recall = tune_search(index, ids, vectors, seed=seed)
+    for fixed in _fixed_params(index):
+        set_params(index, fixed)
+        built.params = dict(fixed)
+        if not tune:
+            break
+        params, built.recall = tune_search(index, ids, vectors, seed=seed)
+        built.params.update(params)
+        if built.recall is None or built.recall >= TARGET_RECALL:
+            break
+    else:
+        log.warning(
+            "%s reaches recall@10 %.3f only (%s), below %.2f",
+            factory,
+            built.recall,
+            built.params,
+            TARGET_RECALL,
+        )
     built.seconds = time.perf_counter() - t0
     return built
+
+
+def _fixed_params(index: Any) -> list[dict[str, int]]:
+    """Settings to try in turn, each then tuned: the re-ranking depths of a refined index."""
+    faiss = faiss_module()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    if isinstance(inner, faiss.IndexRefine):
+        return [{"k_factor_rf": k} for k in REFINE_FACTORS]
+    return [{}]
 
 
 def _search_knob(index: Any) -> tuple[str, list[int]] | None:
@@ -137,7 +170,10 @@ def _search_knob(index: Any) -> tuple[str, list[int]] | None:
     faiss = faiss_module()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return "nprobe", [v for v in (2**i for i in range(20)) if v < ivf.nlist] + [ivf.nlist]
+        # Steps of 1.5x-1.33x (1, 2, 3, 4, 6, 8, 12, ...): latency grows linearly with nprobe,
+        # so a finer grid than powers of two saves up to a third at the target recall.
+        steps = sorted({m * 2**i for i in range(20) for m in (2, 3)} | {1})
+        return "nprobe", [v for v in steps if v < ivf.nlist] + [ivf.nlist]
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     if hasattr(inner, "hnsw"):
         return "efSearch", [16, 32, 64, 128, 256, 512, 1024]
@@ -162,7 +198,8 @@ def tune_search(
     lists, so the trivial self-match does not inflate the recall.
 
     Returns:
-        the parameters, and the recall they reach (None for an exact index).
+        the parameters (the largest value tried when none reaches the target), and the recall
+        they reach (None for an exact index).
     """
     knob = _search_knob(index)
     if knob is None or len(ids) <= TUNE_K:
@@ -183,7 +220,6 @@ def tune_search(
         recall = hits / total
         if recall >= TARGET_RECALL:
             return {name: value}, recall
-    log.warning("%s=%d reaches recall@10 %.3f only, below %.2f", name, value, recall, TARGET_RECALL)
     return {name: value}, recall
 
 

@@ -28,18 +28,22 @@ def recall_at_10(index, queries: np.ndarray, base: np.ndarray, ids: np.ndarray) 
 def test_auto_factory_is_exact_then_ivf_with_4_sqrt_n_lists():
     assert ann.auto_factory(10, 512) == "Flat"
     assert ann.auto_factory(ann.EXACT_MAX, 2048) == "Flat"
-    assert ann.auto_factory(1_000_000, 2048) == "IVF4000,Flat"
+    assert ann.auto_factory(1_000_000, 2048) == "IVF4000,PQ512x4fs,RFlat"
+    assert ann.auto_factory(1_000_000, 510) == "IVF4000,Flat"  # no 4-d sub-quantizers
 
 
 @pytest.mark.parametrize(
-    ("factory", "knob"), [("IVF64,Flat", "nprobe"), ("HNSW16,Flat", "efSearch")]
+    ("factory", "knob"),
+    [("IVF64,Flat", "nprobe"), ("IVF64,PQ8x4fs,RFlat", "nprobe"), ("HNSW16,Flat", "efSearch")],
 )
 def test_tuned_index_reaches_the_recall_target_on_unseen_queries(factory, knob):
     data = clustered(8000, 32, 100)
     base, queries = data[:7000], data[7000:7300]
     ids = np.arange(10, 7010, dtype=np.int64)  # ids are not positions
     built = ann.build(ids, base, factory)
-    assert set(built.params) == {knob} and built.recall >= ann.TARGET_RECALL
+    refined = {"k_factor_rf"} if "RFlat" in factory else set()
+    assert set(built.params) == {knob} | refined
+    assert built.recall >= ann.TARGET_RECALL
     if knob == "nprobe":
         assert built.params["nprobe"] < 64  # tuned, not an exhaustive scan
         assert built.trained_on == 7000
