@@ -9,6 +9,7 @@ on the server and shown as one line.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,9 @@ from mocoretrieval.errors import ImageError, MoCoRetrievalError
 
 logger = logging.getLogger(__name__)
 
-# Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 384 px JPEG ~30 kB,
-# and a gallery cell is smaller than that anyway.
-THUMB_SIDE = 384
+# Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 320 px JPEG ~20 kB,
+# and a gallery cell (about 170 px wide) is smaller than that anyway.
+THUMB_SIDE = 320
 THUMB_THREADS = 4
 MAX_K = 100
 # Phone photos are 3-15 MB; 50 MB leaves room for panoramas and still bounds what one request
@@ -96,7 +97,14 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Image.Image:
     Raises:
         ImageError: the file is missing, not an image, corrupt or a decompression bomb.
     """
-    image = load_image(path, min_side=side)  # JPEG draft mode: a fraction of a full decode
+    # Only the long side has to reach ``side``, so a JPEG can be decoded at the smallest DCT
+    # scale that keeps it (1/8 for most photos): reading the header first is cheap.
+    try:
+        with Image.open(path) as header:
+            w, h = header.size
+    except Exception:  # noqa: BLE001 - load_image below says what is wrong with the file
+        w = h = side
+    image = load_image(path, min_side=max(1, math.ceil(side * min(w, h) / max(w, h, 1))))
     image.thumbnail((side, side))
     return image
 

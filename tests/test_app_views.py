@@ -200,3 +200,13 @@ def test_examples_are_indexed_images(photo_index):
 def test_relative_path(tmp_path):
     assert views.relative_path(tmp_path, tmp_path / "a" / "b.jpg") == "a/b.jpg"
     assert views.relative_path(tmp_path, "a/b.jpg") == "a/b.jpg"
+
+
+def test_thumbnail_fits_the_box_and_reads_large_jpegs_at_reduced_scale(tmp_path):
+    path = tmp_path / "wide.jpg"
+    Image.new("RGB", (1600, 800), (200, 30, 30)).save(path)
+    thumb = views.thumbnail(path, side=320)
+    assert thumb.size == (320, 160) and thumb.mode == "RGB"
+    with pytest.raises(ImageError, match="not an image"):
+        (tmp_path / "x.jpg").write_text("hello")
+        views.thumbnail(tmp_path / "x.jpg")
