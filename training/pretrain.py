@@ -127,6 +127,11 @@ def train(
         )
     elif run.resume:
         resume_from = Path(run.resume)
+    if not run.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
+        raise ConfigError(
+            f"{out} already holds a run's checkpoint; pass --resume to continue it, or choose "
+            "another --out-dir"
+        )
     state = ckpt_io.load(resume_from) if resume_from else None
     if state is not None:
         saved = PretrainConfig.from_dict(state["config"])

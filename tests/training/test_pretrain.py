@@ -97,6 +97,8 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
     cfg = tiny_cfg("v2", knn_every=0)
     out = str(tmp_path / "r")
     train(cfg, FMNIST, RunOptions(out_dir=out, device="cpu", export=False))
+    with pytest.raises(ConfigError, match="pass --resume"):  # no silent overwrite
+        train(cfg, FMNIST, RunOptions(out_dir=out, device="cpu"))
     with pytest.raises(ConfigError, match="T differ"):
         train(
             tiny_cfg("v2", T=0.5),
