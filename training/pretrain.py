@@ -73,11 +73,10 @@ class JsonLog:
 
 
 def _device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # torchrun: one GPU per local rank
+        device = torch.device("cuda", dist.local_rank())
+    return device
 
 
 def _seed_all(seed: int) -> None:
