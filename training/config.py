@@ -77,7 +77,9 @@ class PretrainConfig:
     stop_grad_conv1: bool = False  # [v3] ViT: patch projection frozen at its random init
 
     # --- augmentation (two views) ---
-    crop_min: float = 0.2  # RandomResizedCrop scale (0.2, 1) [v1][v2]; [v3] R50 recipe 0.2
+    # RandomResizedCrop scale (crop_min, 1): 0.2 in [v1][v2] and [v3]'s R50 recipes (CONFIG.md);
+    # 0.08, the moco-v3 main_moco.py default, for ViTs.
+    crop_min: float = 0.2
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # [v2]; [v1] hue 0.4
     jitter_p: float = 0.8  # [v2]; [v1] always (1.0)
     grayscale_p: float = 0.2  # [v1][v2][v3]
