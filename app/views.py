@@ -137,7 +137,7 @@ def _root(index: Any) -> Path:
 
 
 def _count(index: Any) -> int:
-    return int(index.info().get("count", 0))
+    return len(index)
 
 
 def _caption(path: str, score: float) -> str:
@@ -198,7 +198,7 @@ def _search(index: Any, query: Any, k: Any) -> SearchOutcome:
     if _count(index) == 0:
         return SearchOutcome(
             message="**The index is empty.** Add images to the folder and run "
-            f"`mocoretrieval index {_root(index)}`, then restart the app."
+            f"`mocoretrieval index {_root(index)}`, then search again."
         )
     results = index.search(query, k=clamp_k(k))
     items, paths, left_out = gallery_items(_root(index), results)
@@ -234,7 +234,10 @@ def search_upload(
     def run() -> SearchOutcome:
         # Decoded here, as the indexer decodes files, so a bad upload gets its own reason.
         min_side = getattr(getattr(index, "encoder", None), "resize_size", None)
-        image = load_image(check_upload(upload, max_mb), min_side=min_side)
+        try:
+            image = load_image(check_upload(upload, max_mb), min_side=min_side)
+        except ImageError as e:  # name the user's file, not the server's copy of it
+            raise ImageError(e.reason, Path(upload).name if upload else None) from e
         return _search(index, image, k)
 
     return _guarded(run)

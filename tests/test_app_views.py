@@ -113,6 +113,7 @@ def test_bad_uploads_give_a_message_not_an_exception(photo_index, tmp_path, cont
     out = views.search_upload(photo_index, upload, k=5, max_mb=1)
     assert out.items == [] and out.paths == []
     assert out.message.startswith("**Cannot search:**") and expected in out.message
+    assert "upload.jpg" in out.message and str(tmp_path) not in out.message  # not server paths
     assert "Traceback" not in out.message
 
 
