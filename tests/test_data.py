@@ -260,25 +260,33 @@ def test_directory_named_like_an_image(tmp_path):
         load_image(tmp_path / "album.jpg")
 
 
-def test_unreadable_file(tmp_path, monkeypatch):
-    path = tmp_path / "secret.jpg"
+def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Writes a good JPEG the process may not read; returns the expected skip reason.
+
+    chmod 000 stops everyone but root, and tests often run as root: then the OS refusal is
+    simulated by an ``open`` that raises what the OS would (forked workers inherit it).
+    """
     path.write_bytes(_jpeg_bytes())
     path.chmod(0)
     if os.access(path, os.R_OK):
-        # Running as root: permissions do not stop us, so simulate the OS refusing the open.
         import builtins
 
         real_open = builtins.open
 
         def refusing_open(file, *args, **kwargs):
-            if os.fspath(file) == str(path):
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(file, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", refusing_open)
+    return "unreadable: permission denied"
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    reason = make_unreadable(tmp_path / "secret.jpg", monkeypatch)
     with pytest.raises(ImageError) as info:
-        load_image(path)
-    assert info.value.reason == "unreadable: permission denied"
+        load_image(tmp_path / "secret.jpg")
+    assert info.value.reason == reason
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_images
-from test_data import make_broken_files
+from test_data import (
+    make_broken_files,
+    make_unreadable,
+)  # `conftest` is ambiguous: tests/training has one too
 
+from mocoretrieval import MoCoEncoder
 from mocoretrieval.data import load_image, walk_images
 from mocoretrieval.embed import (
     EmbeddedBatch,
@@ -48,13 +51,14 @@ def test_vectors_equal_encoder_embed_in_input_order(image_folder, tiny_encoder, 
 
 
 def test_broken_files_are_skipped_with_reasons_and_good_ones_embedded(
-    tmp_path, tiny_encoder, monkeypatch
+    image_folder, tiny_encoder, monkeypatch
 ):
     from PIL import Image
 
-    root = tmp_path / "photos"
-    good = sorted(p.relative_to(root).as_posix() for p in make_images(root, 5))
+    root = image_folder
+    good = walk_images(root)
     expected = make_broken_files(root)
+    expected["secret.jpg"] = make_unreadable(root / "secret.jpg", monkeypatch)
     Image.new("RGB", (80, 80)).save(root / "bomb.png")
     expected["bomb.png"] = "decompression bomb (6400 pixels)"
     (root / "gone.jpg").write_bytes(b"x")
@@ -65,7 +69,7 @@ def test_broken_files_are_skipped_with_reasons_and_good_ones_embedded(
     paths, vectors, skipped = _collect(
         list(iter_embeddings(tiny_encoder, root, rel, batch_size=4, workers=2))
     )
-    assert paths == good and vectors.shape == (5, tiny_encoder.dim)
+    assert paths == good and vectors.shape == (len(good), tiny_encoder.dim)
     reasons = dict(skipped)
     assert sorted(reasons) == sorted(expected)
     for name, reason in expected.items():
@@ -85,13 +89,11 @@ def test_nothing_to_embed_yields_nothing(tmp_path, tiny_encoder):
 
 
 def test_resnet_runs_channels_last_and_vit_does_not(image_folder, tiny_encoder):
-    from conftest import make_tiny_encoder
-
     rel = walk_images(image_folder)[:3]
     list(iter_embeddings(tiny_encoder, image_folder, rel, workers=0))
     conv = tiny_encoder.backbone.net.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
-    vit = make_tiny_encoder("vit_small", input_size=32, resize_size=32)
+    vit = MoCoEncoder(arch="vit_small", input_size=32, resize_size=32)
     _, vectors, _ = _collect(list(iter_embeddings(vit, image_folder, rel, workers=0)))
     assert vectors.shape == (3, 384)
 
