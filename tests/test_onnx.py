@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_images, make_tiny_encoder
 from PIL import Image
 
 from mocoretrieval import MoCoEncoder
@@ -25,12 +24,12 @@ from mocoretrieval.onnx_backend import (
 )
 
 
-def _pil(paths):
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+def make_tiny_encoder(arch: str = "resnet18") -> MoCoEncoder:
+    """The recipe of conftest's ``tiny_encoder``, so both share cached exports. (Not imported:
+    ``conftest`` is ambiguous, tests/training has one too.)"""
+    return MoCoEncoder(
+        arch=arch, input_size=32, resize_size=36, small_stem=arch.startswith("resnet")
+    )
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -38,11 +37,21 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    # Varied sizes and aspect ratios: the PIL preprocessing path must match too.
-    root = tmp_path_factory.mktemp("onnx_images")
-    paths = make_images(root, 6, size=(64, 48)) + make_images(root / "b", 5, size=(40, 80), seed=3)
-    return _pil(paths)
+def images():
+    """Random-texture images of varied sizes and aspect ratios, landscape and portrait, as
+    decoded from JPEG: the PIL preprocessing path must match too."""
+    import io
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (w, h) in enumerate([(64, 48)] * 6 + [(40, 80)] * 5):
+        base = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        arr = np.kron(base, np.ones((h // 4, w // 4, 1), dtype=np.uint8))
+        arr = (arr + rng.integers(0, 30, arr.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG" if i % 2 else "PNG")
+        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
 
 
 @pytest.fixture(scope="module")
