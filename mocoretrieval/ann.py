@@ -135,23 +135,19 @@ def build(
             "--index-type out for the automatic choice"
         ) from e
     built = BuiltIndex(index=index, factory=factory, trained_on=trained_on)
-    for fixed in _fixed_params(index):
-        set_params(index, fixed)
-        built.params = dict(fixed)
-        if not tune:
-            break
-        params, built.recall = tune_search(index, ids, vectors, seed=seed)
-        built.params.update(params)
-        if built.recall is None or built.recall >= TARGET_RECALL:
-            break
+    if tune:
+        built.params, built.recall = tune_search(index, ids, vectors, seed=seed)
+        if built.recall is not None and built.recall < TARGET_RECALL:
+            log.warning(
+                "%s reaches recall@10 %.3f only (%s), below %.2f",
+                factory,
+                built.recall,
+                built.params,
+                TARGET_RECALL,
+            )
     else:
-        log.warning(
-            "%s reaches recall@10 %.3f only (%s), below %.2f",
-            factory,
-            built.recall,
-            built.params,
-            TARGET_RECALL,
-        )
+        built.params = _fixed_params(index)[0]
+        set_params(index, built.params)
     built.seconds = time.perf_counter() - t0
     return built
 
@@ -195,15 +191,19 @@ def tune_search(
     """Smallest nprobe / efSearch whose recall@10 against exact search reaches the target.
 
     The queries are a sample of stored vectors; each one's own id is left out of both result
-    lists, so the trivial self-match does not inflate the recall.
+    lists, so the trivial self-match does not inflate the recall. A refined index tries each
+    re-ranking depth and keeps the one that needs the smallest nprobe: scanning lists is the
+    cost, re-ranking a few hundred vectors is not. The chosen parameters are left set.
 
     Returns:
-        the parameters (the largest value tried when none reaches the target), and the recall
-        they reach (None for an exact index).
+        the parameters (those of the best recall when none reaches the target), and their
+        recall (None for an exact index).
     """
+    fixed_options = _fixed_params(index)
     knob = _search_knob(index)
     if knob is None or len(ids) <= TUNE_K:
-        return {}, None
+        set_params(index, fixed_options[0])
+        return dict(fixed_options[0]), None
     faiss = faiss_module()
     name, values = knob
     rng = np.random.default_rng(seed)
@@ -212,15 +212,27 @@ def tune_search(
     _, exact_pos = faiss.knn(queries, vectors, TUNE_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
     exact = [_top(ids[row], qid) for row, qid in zip(exact_pos, query_ids)]
     total = max(1, sum(len(e) for e in exact))
-    recall = 0.0
-    for value in values:
-        set_params(index, {name: value})
+
+    def recall_of(params: dict[str, int]) -> float:
+        set_params(index, params)
         _, found = index.search(queries, TUNE_K + 1)
-        hits = sum(len(e & _top(row, qid)) for e, row, qid in zip(exact, found, query_ids))
-        recall = hits / total
-        if recall >= TARGET_RECALL:
-            return {name: value}, recall
-    return {name: value}, recall
+        return sum(len(e & _top(row, qid)) for e, row, qid in zip(exact, found, query_ids)) / total
+
+    best: dict[str, int] = {}
+    best_recall = -1.0
+    for fixed in fixed_options:
+        for value in values:
+            if best_recall >= TARGET_RECALL and value >= best[name]:
+                break  # cannot need less scanning than the best setting so far
+            params = {**fixed, name: value}
+            recall = recall_of(params)
+            if recall >= TARGET_RECALL:
+                best, best_recall = params, recall
+                break
+            if value == values[-1] and recall > best_recall:
+                best, best_recall = params, recall
+    set_params(index, best)
+    return best, best_recall
 
 
 def _top(row: np.ndarray, query_id: int) -> set[int]:
