@@ -89,20 +89,30 @@ def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
     return max(1, min(cpus, MAX_AUTO_WORKERS))
 
 
-def plan_chunks(n: int, batch_size: int, parts: int) -> tuple[list[list[int]], list[int]]:
-    """Splits ``range(n)`` into model batches of ``batch_size``, each cut into ``parts`` chunks.
+def plan_chunks(
+    n: int, batch_size: int, parts: int, first_batch: int | None = None
+) -> tuple[list[list[int]], list[int]]:
+    """Splits ``range(n)`` into model batches, each cut into ``parts`` chunks.
+
+    Args:
+        n: number of items.
+        batch_size: items per model batch.
+        parts: chunks per model batch (fewer when a batch has fewer items).
+        first_batch: size of the first model batch, when it differs.
 
     Returns:
         The chunks (lists of indices, in order) and how many chunks each model batch has.
     """
     chunks: list[list[int]] = []
     per_batch: list[int] = []
-    for start in range(0, n, batch_size):
-        size = min(batch_size, n - start)
+    start = 0
+    while start < n:
+        size = min(first_batch if first_batch and not per_batch else batch_size, n - start)
         k = min(parts, size)
         bounds = [start + size * j // k for j in range(k + 1)]
         chunks += [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
         per_batch.append(k)
+        start += size
     return chunks, per_batch
 
 
@@ -169,9 +179,13 @@ def iter_embeddings(
     memory_format = _prepare_encoder(encoder, dev)
     if workers is None:
         workers = auto_workers(len(relpaths), dev)
-    # Each model batch is decoded as one chunk per worker, so that all workers decode the
-    # first batch together instead of the model waiting for one of them to decode it alone.
-    chunks, chunks_per_batch = plan_chunks(len(relpaths), batch_size, max(workers, 1))
+    # Each model batch is decoded as one chunk per worker, so that all workers decode it
+    # together; the first batch is a quarter size, so that the model starts after a quarter of
+    # the decoding latency, and the workers decode the next batches while it runs.
+    first_batch = max(workers, batch_size // 4) if workers else None
+    chunks, chunks_per_batch = plan_chunks(
+        len(relpaths), batch_size, max(workers, 1), first_batch=first_batch
+    )
     dataset = ImageFileDataset(root, relpaths, encoder.preprocess, min_side=encoder.resize_size)
     loader = DataLoader(
         dataset,

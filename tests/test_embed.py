@@ -38,8 +38,9 @@ def test_vectors_equal_encoder_embed_in_input_order(image_folder, tiny_encoder, 
             tiny_encoder, image_folder, rel, batch_size=5, workers=workers, progress=seen.append
         )
     )
-    assert [len(b) for b in batches] == [5, 5, 5, 3]
-    assert seen == [5, 5, 5, 3]
+    # With workers, the first batch is a quarter size (at least one image per worker).
+    assert [len(b) for b in batches] == ([5, 5, 5, 3] if workers == 0 else [2, 5, 5, 5, 1])
+    assert seen == [len(b) for b in batches]
     paths, vectors, skipped = _collect(batches)
     assert paths == rel and skipped == []
     assert vectors.dtype == np.float32 and vectors.shape == (len(rel), tiny_encoder.dim)
@@ -149,3 +150,5 @@ def test_plan_chunks_splits_each_batch_between_workers():
     chunks, per_batch = plan_chunks(5, batch_size=4, parts=8)
     assert chunks == [[0], [1], [2], [3], [4]] and per_batch == [4, 1]
     assert plan_chunks(3, batch_size=8, parts=1) == ([[0, 1, 2]], [1])
+    chunks, per_batch = plan_chunks(10, batch_size=4, parts=2, first_batch=2)
+    assert chunks == [[0], [1], [2, 3], [4, 5], [6, 7], [8, 9]] and per_batch == [2, 2, 2]
