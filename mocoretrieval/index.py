@@ -20,11 +20,11 @@ from PIL import Image
 
 from . import ann, embed
 from .data import load_image, walk_images
-from .errors import IndexFormatError, MoCoRetrievalError, ModelMismatchError
+from .errors import MoCoRetrievalError, ModelMismatchError
+from .faiss_file import FaissFile
 from .layout import (
     DATABASE,
     DEFAULT_DIRNAME,
-    FAISS_FILE,
     FORMAT_VERSION,
     MANIFEST,
     UpdateLock,
@@ -109,8 +109,7 @@ class ImageIndex:
         self.store = Store(index_dir / DATABASE, self.dim)
         self._encoder = encoder
         self._device = device
-        self._ann: Any = None
-        self._ann_generation = -1
+        self.faiss = FaissFile(index_dir, self.store, self.manifest, self._save_manifest)
         self.last_report: UpdateReport | None = None
 
     # --- creating and opening -------------------------------------------------------------
@@ -212,7 +211,9 @@ class ImageIndex:
         return index
 
     @classmethod
-    def open(cls, path: str | Path | None = None, *, model: Any = None, device: str | None = None):
+    def open(
+        cls, path: str | Path | None = None, *, model: Any = None, device: str | None = None
+    ) -> ImageIndex:
         """Opens an existing index.
 
         Args:
@@ -295,7 +296,8 @@ class ImageIndex:
         self.manifest["encoder"] = self._encoder_entry(encoder, source)
         self.manifest["faiss"] = None
         self._save_manifest()
-        self._encoder, self._ann = encoder, None
+        self._encoder = encoder
+        self.faiss.forget()
 
     def _save_manifest(self) -> None:
         write_json_atomic(self.path / MANIFEST, self.manifest)
@@ -352,7 +354,7 @@ class ImageIndex:
                     done += len(batch.paths) + len(batch.skipped)
                     if progress is not None:
                         progress(done, len(todo))
-            self._refresh_ann(save=True)
+            self.faiss.refresh(save=True)
             self.manifest["last_update"] = now()
             self._save_manifest()
         report.seconds = time.perf_counter() - t0
@@ -378,107 +380,6 @@ class ImageIndex:
                 continue
             stats[rel] = FileStat(st.st_size, st.st_mtime_ns)
         return stats
-
-    # --- the FAISS index, derived from the stored vectors ---------------------------------
-
-    def _faiss_entry_fresh(self, generation: int) -> bool:
-        entry = self.manifest.get("faiss")
-        file = self.path / FAISS_FILE
-        return bool(
-            entry
-            and entry["generation"] == generation
-            and entry["requested"] == self.manifest["index_type"]
-            and file.is_file()
-            and file.stat().st_size == entry["bytes"]
-        )
-
-    def _refresh_ann(self, *, save: bool, load: bool = False) -> None:
-        """Makes sure ``index.faiss`` matches the database, rebuilding it from the stored
-        vectors when it is missing, corrupt or stale. ``load`` also loads it for searching."""
-        generation = self.store.generation  # before the vectors: a later write means stale
-        if self._ann is not None and self._ann_generation == generation:
-            return
-        if self._faiss_entry_fresh(generation):
-            if not load:
-                return
-            try:
-                index = ann.load(self.path / FAISS_FILE)
-                if index.ntotal == self.store.count() and index.d == self.dim:
-                    ann.set_params(index, self.manifest["faiss"]["params"])
-                    self._ann, self._ann_generation = index, generation
-                    return
-                log.warning(
-                    "%s holds %d vectors, the database %d: rebuilding it",
-                    FAISS_FILE,
-                    index.ntotal,
-                    self.store.count(),
-                )
-            except IndexFormatError as e:
-                log.warning("%s; rebuilding it from the stored vectors", e)
-        self._rebuild_ann(generation, save=save)
-
-    def _rebuild_ann(self, generation: int, *, save: bool) -> None:
-        ids, vectors = self.store.all_vectors()
-        requested = self.manifest["index_type"]
-        factory = ann.auto_factory(len(ids), self.dim) if requested == "auto" else requested
-        trained = self._reusable_training(requested, len(ids))
-        built = ann.build(ids, vectors, trained.factory if trained else factory, trained=trained)
-        factory = built.factory
-        log.info(
-            "built %s over %d vectors in %.1f s (%s)",
-            factory,
-            len(ids),
-            built.seconds,
-            built.params,
-        )
-        self._ann, self._ann_generation = built.index, generation
-        if not save:
-            return
-        try:
-            size = ann.save(built.index, self.path / FAISS_FILE)
-        except OSError as e:  # a read-only index still searches, from memory
-            log.warning("cannot save %s: %s", self.path / FAISS_FILE, e)
-            return
-        self.manifest["faiss"] = {
-            "factory": factory,
-            "requested": requested,
-            "params": built.params,
-            "recall_at_10": built.recall,
-            "trained_on": built.trained_on,
-            "generation": generation,
-            "ntotal": int(built.index.ntotal),
-            "bytes": size,
-        }
-        self._save_manifest()
-
-    def _reusable_training(self, requested: str, n: int) -> ann.BuiltIndex | None:
-        """The saved index, when its training (k-means, codebooks) still fits ``n`` vectors.
-
-        k-means is most of an IVF build (see benchmarks/RESULTS.md); the centroids of a
-        collection that has not halved or doubled since still describe it, so adding a few
-        photos only refills the lists.
-        """
-        entry = self.manifest.get("faiss") or {}
-        trained_on = entry.get("trained_on")
-        if (
-            not trained_on
-            or entry.get("requested") != requested
-            or not trained_on / 2 <= n <= 2 * trained_on
-        ):
-            return None
-        if requested == "auto" and ann.auto_factory(n, self.dim) == "Flat":
-            return None  # shrank back below the exact-search threshold
-        try:
-            index = ann.load(self.path / FAISS_FILE)
-        except IndexFormatError:
-            return None
-        if not index.is_trained or index.d != self.dim:
-            return None
-        return ann.BuiltIndex(index=index, factory=entry["factory"], trained_on=trained_on)
-
-    def _ann_index(self) -> Any:
-        self._refresh_ann(save=os.access(self.path, os.W_OK), load=True)
-        return self._ann
 
     # --- searching ------------------------------------------------------------------------
 
@@ -518,7 +419,7 @@ class ImageIndex:
         if k < 1:
             raise MoCoRetrievalError(f"k must be at least 1, got {k}")
         vectors = self.embed_queries(list(queries))
-        index = self._ann_index()
+        index = self.faiss.get()
         if index.ntotal == 0:
             return [[] for _ in queries]
         scores, ids = index.search(vectors, min(k, index.ntotal))
@@ -542,7 +443,7 @@ class ImageIndex:
         of the "similar enough" pairs, largest first; each member's score is its best similarity
         to another member.
         """
-        index = self._ann_index()
+        index = self.faiss.get()
         parent: dict[int, int] = {}
         best: dict[int, float] = {}
 

@@ -240,7 +240,7 @@ def test_index_type_factory_string_and_tuning(built, tmp_path):
     _assert_matches_folder(index, copy)
 
     def centroids():
-        quantizer = faiss.extract_index_ivf(index._ann_index()).quantizer
+        quantizer = faiss.extract_index_ivf(index.faiss.get()).quantizer
         return quantizer.reconstruct_n(0, quantizer.ntotal)
 
     before = centroids()

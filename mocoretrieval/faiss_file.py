@@ -1,0 +1,151 @@
+"""`FaissFile`: ``index.faiss``, derived from the store's vectors and kept in step with it.
+
+The store is the source of truth. The manifest's ``faiss`` entry records what the file was
+built from (the store generation, its size, factory and search parameters); a file that is
+missing, unreadable, of another size or generation, or holding another number of vectors is
+rebuilt from the stored vectors — never by the model — and replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import ann
+from .errors import IndexFormatError
+from .layout import FAISS_FILE
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class FaissFile:
+    """The FAISS index of an index directory, loaded or rebuilt on demand.
+
+    Args:
+        index_dir: the index directory.
+        store: its store.
+        manifest: the index's manifest, shared and updated in place.
+        save_manifest: writes ``manifest`` (atomically).
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        store: Store,
+        manifest: dict[str, Any],
+        save_manifest: Callable[[], None],
+    ) -> None:
+        self.file = index_dir / FAISS_FILE
+        self.store = store
+        self.manifest = manifest
+        self._save_manifest = save_manifest
+        self.index: Any = None  # loaded or built, for searching
+        self.generation = -1  # the store generation ``index`` holds
+
+    def forget(self) -> None:
+        """Drops the in-memory index (the store was cleared or the model changed)."""
+        self.index, self.generation = None, -1
+
+    def _fresh(self, generation: int) -> bool:
+        entry = self.manifest.get("faiss")
+        file = self.file
+        return bool(
+            entry
+            and entry["generation"] == generation
+            and entry["requested"] == self.manifest["index_type"]
+            and file.is_file()
+            and file.stat().st_size == entry["bytes"]
+        )
+
+    def refresh(self, *, save: bool, load: bool = False) -> None:
+        """Makes sure ``index.faiss`` matches the database, rebuilding it from the stored
+        vectors when it is missing, corrupt or stale. ``load`` also loads it for searching."""
+        generation = self.store.generation  # before the vectors: a later write means stale
+        if self.index is not None and self.generation == generation:
+            return
+        if self._fresh(generation):
+            if not load:
+                return
+            try:
+                index = ann.load(self.file)
+                if index.ntotal == self.store.count() and index.d == self.store.dim:
+                    ann.set_params(index, self.manifest["faiss"]["params"])
+                    self.index, self.generation = index, generation
+                    return
+                log.warning(
+                    "%s holds %d vectors, the database %d: rebuilding it",
+                    FAISS_FILE,
+                    index.ntotal,
+                    self.store.count(),
+                )
+            except IndexFormatError as e:
+                log.warning("%s; rebuilding it from the stored vectors", e)
+        self._rebuild(generation, save=save)
+
+    def _rebuild(self, generation: int, *, save: bool) -> None:
+        ids, vectors = self.store.all_vectors()
+        requested = self.manifest["index_type"]
+        factory = ann.auto_factory(len(ids), self.store.dim) if requested == "auto" else requested
+        trained = self._reusable_training(requested, len(ids))
+        built = ann.build(ids, vectors, trained.factory if trained else factory, trained=trained)
+        factory = built.factory
+        log.info(
+            "built %s over %d vectors in %.1f s (%s)",
+            factory,
+            len(ids),
+            built.seconds,
+            built.params,
+        )
+        self.index, self.generation = built.index, generation
+        if not save:
+            return
+        try:
+            size = ann.save(built.index, self.file)
+        except OSError as e:  # a read-only index still searches, from memory
+            log.warning("cannot save %s: %s", self.file, e)
+            return
+        self.manifest["faiss"] = {
+            "factory": factory,
+            "requested": requested,
+            "params": built.params,
+            "recall_at_10": built.recall,
+            "trained_on": built.trained_on,
+            "generation": generation,
+            "ntotal": int(built.index.ntotal),
+            "bytes": size,
+        }
+        self._save_manifest()
+
+    def _reusable_training(self, requested: str, n: int) -> ann.BuiltIndex | None:
+        """The saved index, when its training (k-means, codebooks) still fits ``n`` vectors.
+
+        k-means is most of an IVF build (see benchmarks/RESULTS.md); the centroids of a
+        collection that has not halved or doubled since still describe it, so adding a few
+        photos only refills the lists.
+        """
+        entry = self.manifest.get("faiss") or {}
+        trained_on = entry.get("trained_on")
+        if (
+            not trained_on
+            or entry.get("requested") != requested
+            or not trained_on / 2 <= n <= 2 * trained_on
+        ):
+            return None
+        if requested == "auto" and ann.auto_factory(n, self.store.dim) == "Flat":
+            return None  # shrank back below the exact-search threshold
+        try:
+            index = ann.load(self.file)
+        except IndexFormatError:
+            return None
+        if not index.is_trained or index.d != self.store.dim:
+            return None
+        return ann.BuiltIndex(index=index, factory=entry["factory"], trained_on=trained_on)
+
+    def get(self) -> Any:
+        """The FAISS index, fresh; saved again when rebuilt and the directory is writable."""
+        self.refresh(save=os.access(self.file.parent, os.W_OK), load=True)
+        return self.index
