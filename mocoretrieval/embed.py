@@ -19,8 +19,9 @@ from .errors import MoCoRetrievalError
 
 logger = logging.getLogger(__name__)
 
-# Decoding a draft-mode JPEG costs ~10 ms against ~100 ms of ResNet-50 per image on a CPU
-# core, so a few workers keep the model fed; more only take cores from the model.
+# Decoding a multi-megapixel JPEG in draft mode, plus the transform, costs ~20-30 ms of CPU
+# against ~130-170 ms for a ResNet-50 forward (benchmarks/RESULTS.md, index_throughput), so a
+# few workers keep a CPU model fed; more would only take cores from it.
 MAX_AUTO_WORKERS = 4
 MIN_FILES_FOR_WORKERS = 8
 
@@ -62,6 +63,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise MoCoRetrievalError(
             f"device {device!r} was asked for but CUDA is not available; use --device cpu"
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MoCoRetrievalError(
+            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s), "
+            "numbered from 0"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MoCoRetrievalError(f"device {device!r} is not available here; use --device cpu")
     return dev
 
 

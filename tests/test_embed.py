@@ -124,6 +124,12 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(MoCoRetrievalError, match="--device cpu"):
             resolve_device("cuda")
+    else:
+        with pytest.raises(MoCoRetrievalError, match="does not exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(MoCoRetrievalError, match="not available"):
+            resolve_device("mps")
 
 
 def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
