@@ -8,6 +8,7 @@ on the server and shown as one line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 # and a gallery cell (about 170 px wide) is smaller than that anyway.
 THUMB_SIDE = 320
 THUMB_THREADS = 4
+THUMB_CACHE = 256  # thumbnails kept in memory: 256 x 320x240 RGB is about 60 MB at most
 MAX_K = 100
 # Phone photos are 3-15 MB; 50 MB leaves room for panoramas and still bounds what one request
 # can make the server store and decode. Pixels are bounded separately, by `load_image`'s
@@ -94,9 +96,28 @@ def resolve_in_root(root: str | Path, rel: str | Path) -> Path:
 def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Image.Image:
     """An RGB thumbnail fitting a ``side`` square, decoded as the indexer decodes images.
 
+    Recent thumbnails are kept in memory (keyed by the file's real path, size and modification
+    time, so an edited file is decoded again): clicking a result, changing k or coming back to
+    an image shows mostly images already seen, and a large progressive JPEG takes 100-250 ms to
+    decode even at reduced scale. The returned image is shared: do not modify it.
+
     Raises:
         ImageError: the file is missing, not an image, corrupt or a decompression bomb.
     """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return _decode_thumbnail(real, side)  # raises the ImageError that says why
+    return _cached_thumbnail(real, st.st_size, st.st_mtime_ns, side)
+
+
+@functools.lru_cache(maxsize=THUMB_CACHE)
+def _cached_thumbnail(real: str, size: int, mtime_ns: int, side: int) -> Image.Image:
+    return _decode_thumbnail(real, side)
+
+
+def _decode_thumbnail(path: str, side: int) -> Image.Image:
     # Only the long side has to reach ``side``, so a JPEG can be decoded at the smallest DCT
     # scale that keeps it (1/8 for most photos): reading the header first is cheap.
     try:
@@ -107,6 +128,11 @@ def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Image.Image:
     image = load_image(path, min_side=max(1, math.ceil(side * min(w, h) / max(w, h, 1))))
     image.thumbnail((side, side))
     return image
+
+
+def clear_thumbnail_cache() -> None:
+    """Forgets the thumbnails kept in memory (benchmarks time cold decoding with it)."""
+    _cached_thumbnail.cache_clear()
 
 
 def check_upload(path: str | Path | None, max_mb: float = MAX_UPLOAD_MB) -> Path:

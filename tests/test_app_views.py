@@ -211,3 +211,14 @@ def test_thumbnail_fits_the_box_and_reads_large_jpegs_at_reduced_scale(tmp_path)
     with pytest.raises(ImageError, match="not an image"):
         (tmp_path / "x.jpg").write_text("hello")
         views.thumbnail(tmp_path / "x.jpg")
+
+
+def test_thumbnails_are_cached_until_the_file_changes(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(path)
+    first = views.thumbnail(path)
+    assert views.thumbnail(path) is first  # from memory
+    Image.new("RGB", (60, 30), (0, 0, 255)).save(path)  # edited: another size
+    second = views.thumbnail(path)
+    assert second is not first and second.size == (60, 30)
+    assert second.getpixel((0, 0)) == (0, 0, 255)
