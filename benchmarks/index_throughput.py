@@ -13,8 +13,10 @@ Measures, in one run and on the same random-weight encoder and batch size:
   one process, batched like the others;
 - ``naive 1-by-1`` (with ``--naive-1``): the same one image at a time.
 
-Methods are interleaved over ``--rounds`` rounds and each keeps its best round, so that load from
-other processes on a shared machine penalises all of them alike. CPU time (this process and its
+Methods are interleaved over ``--rounds`` rounds. Ratios are taken within each round, between
+methods that ran seconds apart, and their median over rounds is reported, so that load from
+other processes on a shared machine penalises both sides of a ratio alike; images/s is the best
+round. CPU time (this process and its
 children: workers, the CLI) is reported beside wall time: on a loaded machine it shows the work
 each method does, which wall time there cannot. Usage::
 
@@ -30,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,31 +201,36 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         naive_encoder(torch.randn(2, 3, encoder.input_size, encoder.input_size))
 
-    best = {name: float("inf") for name in methods}
-    best_cpu = {name: float("inf") for name in methods}
+    walls: dict[str, list[float]] = {name: [] for name in methods}
+    cpus: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.rounds):
         for name, fn in methods.items():
             c, t = cpu_seconds(), time.perf_counter()
             fn()
-            wall, used = time.perf_counter() - t, cpu_seconds() - c
-            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], used)
+            walls[name].append(time.perf_counter() - t)
+            cpus[name].append(cpu_seconds() - c)
             print(
-                f"round {r + 1}: {name:16s} {n / wall:6.2f} img/s  {1e3 * used / n:7.1f} CPU ms/img"
+                f"round {r + 1}: {name:16s} {n / walls[name][-1]:6.2f} img/s  "
+                f"{1e3 * cpus[name][-1] / n:7.1f} CPU ms/img"
             )
     if model_dir is not None:
         shutil.rmtree(model_dir, ignore_errors=True)
 
-    rate = {name: n / s for name, s in best.items()}
-    cpu_ms = {name: 1e3 * s / n for name, s in best_cpu.items()}
+    def paired(a: str, b: str) -> float:
+        # Rate of a over rate of b, round by round, then the median: methods that ran seconds
+        # apart share the load of the moment, which the best rounds of each may not.
+        return statistics.median(wb / wa for wa, wb in zip(walls[a], walls[b], strict=True))
+
+    cpu_ms = {name: 1e3 * min(v) / n for name, v in cpus.items()}
     head = (
-        "| method | images/s | × model-only | iter_embeddings × this "
+        "| method | images/s (best round) | × model-only | iter_embeddings × this "
         "| CPU ms/image | CPU × model-only |"
     )
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in methods:
         lines.append(
-            f"| {name} | {rate[name]:.2f} | {rate[name] / rate['model-only']:.2f} | "
-            f"{rate['iter_embeddings'] / rate[name]:.2f} | {cpu_ms[name]:.0f} | "
+            f"| {name} | {n / min(walls[name]):.2f} | {paired(name, 'model-only'):.2f} | "
+            f"{paired('iter_embeddings', name):.2f} | {cpu_ms[name]:.0f} | "
             f"{cpu_ms[name] / cpu_ms['model-only']:.2f} |"
         )
     cpu = platform.processor() or platform.machine()
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
         f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads; load average {load_before:.2f} before the "
-        f"run, {os.getloadavg()[0]:.2f} after; best of {args.rounds} interleaved rounds."
+        f"run, {os.getloadavg()[0]:.2f} after; {args.rounds} interleaved rounds (ratios: median of "
+        f"per-round ratios; CPU: least per method)."
     )
     table = "\n".join(lines)
     print()
