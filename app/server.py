@@ -74,26 +74,24 @@ def launch(
     return url
 
 
-def open_index(path: str | Path | None = None, backend: str | None = None) -> Any:
-    """Opens the index and loads its encoder now, so the first query is not the slow one and a
-    missing model is reported at start-up rather than in the page.
+def open_index(
+    path: str | Path | None = None, backend: str = "auto", device: str | None = None
+) -> Any:
+    """Opens the index and loads its query encoder now, so the first query is not the slow one
+    and a missing model is reported at start-up rather than in the page.
 
     Args:
         path: an index directory or an indexed root; None looks in the current folder and its
             parents.
-        backend: ``torch``, ``onnx`` or ``auto`` for the query encoder (see
-            :func:`mocoretrieval.onnx_backend.load_backend`); None: the index's own (torch).
+        backend: ``torch``, ``onnx`` or ``auto`` (onnxruntime on a CPU, torch on a GPU), as
+            for ``mocoretrieval search``; the index checks the weights hash either way.
+        device: torch device; None picks one.
     """
     from mocoretrieval.index import ImageIndex
+    from mocoretrieval.onnx_backend import index_model
 
-    index = ImageIndex.open(path)
-    if backend is not None:
-        from mocoretrieval.onnx_backend import load_backend
-
-        source = index.manifest["encoder"]["source"]
-        index.close()
-        # The index checks the backend's weights hash against the one it was built with.
-        index = ImageIndex.open(path, model=load_backend(source, backend))
+    model = index_model(None, backend, device, index_dir=path)
+    index = ImageIndex.open(path, model=model, device=device)
     encoder = index.encoder
     side = int(getattr(encoder, "input_size", 224))
     encoder.embed([Image.new("RGB", (side, side))])  # warm-up: allocations, thread pools
@@ -106,19 +104,20 @@ def serve(
     port: int | None = None,
     share: bool = False,
     k: int = 10,
-    backend: str | None = None,
+    backend: str = "auto",
     max_upload_mb: float = views.MAX_UPLOAD_MB,
+    device: str | None = None,
 ) -> None:
     """Opens the index (loading its encoder once) and serves the app until interrupted.
 
     Args:
-        index_path, backend: see :func:`open_index`.
+        index_path, backend, device: see :func:`open_index`.
         host, port, share, max_upload_mb: see :func:`launch_options`.
         k: how many results the page shows at first.
     """
     from .ui import build_app
 
-    index = open_index(index_path, backend)
+    index = open_index(index_path, backend, device)
     try:
         page = build_app(index, k_default=k, max_upload_mb=max_upload_mb)
         launch(page, host, port, share, max_upload_mb, block=True)

@@ -110,7 +110,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--pool", type=int, default=100, help="most distinct photos to use")
     parser.add_argument("--model", help="encoder source (default: random-weight ResNet-50)")
-    parser.add_argument("--backend", choices=("torch", "onnx", "auto"), help="query encoder")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "auto"),
+        default="torch",
+        help="query encoder (default torch; `serve` defaults to auto)",
+    )
     parser.add_argument(
         "--baseline-only", action="store_true", help="leave out the progressive JPEGs"
     )
@@ -198,7 +203,7 @@ def main() -> None:
         "thumbs": f"... {args.k} thumbnails (decode + resize, threads)",
     }
     rows = [(labels[name], p50(times[name])) for name in stages]
-    backend = args.backend or "torch"
+    backend = args.backend
     title = (
         f"app latency: {args.n} images ({info['index_type']}), k={args.k}, "
         f"{len(e2e)} queries, {len(pool)} {'baseline' if args.baseline_only else 'mixed'} JPEG "

@@ -74,6 +74,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         k=args.k,
         backend=args.backend,
         max_upload_mb=args.max_upload_mb,
+        device=args.device,
     )
     return 0
 
@@ -95,12 +96,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("-k", type=int, default=10, help="results shown at first (default 10)")
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnx", "auto"),
-        default=None,
-        help="query encoder backend (default: the index's)",
-    )
+    p.add_argument("--device", help="torch device for the model (default: automatic)")
+    _add_backend_arguments(p)
     p.add_argument("--max-upload-mb", type=float, default=50, help="upload limit (default 50)")
     p.set_defaults(func=_cmd_serve)
 
@@ -348,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; work committed so far is kept, re-run to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `mocoretrieval duplicates | head`: the reader left early
+        # Point stdout at /dev/null so that Python's exit-time flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ refuses to serve, the upload limit, and the safe launch defaults."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_serve_command_line():
 
     args = build_parser().parse_args(["serve", "--index", "photos"])
     assert args.host is None and args.share is False and args.index == "photos"
+    assert args.backend == "auto"  # as for `search`: onnxruntime on a CPU
     assert args.func.__name__ == "_cmd_serve"
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "8000", "--share"])
     assert (args.host, args.port, args.share) == ("0.0.0.0", 8000, True)
@@ -142,42 +144,32 @@ def saved_index(tmp_path, tiny_encoder_dir):
     return root
 
 
-def test_open_index_loads_the_chosen_backend(saved_index, monkeypatch):
-    """`serve --backend` asks `load_backend` for the index's own model in that backend, and the
-    index checks the result against its pinned weights. (The backends themselves, and their
-    agreement, are tested with the ONNX export; exporting here would double the suite's time.)"""
+def test_open_index_with_torch_loads_the_model_once(saved_index):
     from app.server import open_index
-    from mocoretrieval import onnx_backend
-    from mocoretrieval.index import ImageIndex
-    from mocoretrieval.sources import load
+    from mocoretrieval import MoCoEncoder
 
-    calls = []
-
-    def fake_load_backend(source, backend):
-        calls.append((source, backend))
-        return load(source)  # the same weights, as any backend of this model has
-
-    monkeypatch.setattr(onnx_backend, "load_backend", fake_load_backend)
-    with ImageIndex.open(saved_index) as plain:
-        source = plain.manifest["encoder"]["source"]
-    index = open_index(saved_index, backend="onnx")
-    assert calls == [(source, "onnx")]
-    assert index.search(saved_index / "img_0001.png", k=1)[0].path == str(
-        saved_index / "img_0001.png"
-    )
+    index = open_index(saved_index, backend="torch")
+    encoder = index.encoder
+    assert isinstance(encoder, MoCoEncoder)
+    query = saved_index / "img_0001.png"
+    assert index.search(query, k=1)[0].path == str(query)
+    assert index.encoder is encoder  # loaded at start-up, not per query
     index.close()
 
 
-def test_python_m_app_serves_on_localhost(saved_index):
-    """The real entry point as a user starts it: blocks, binds 127.0.0.1 only, and its search
-    endpoint answers like the index."""
+def test_python_m_app_serves_on_localhost(saved_index, tmp_path):
+    """The real entry point as a user starts it, with the default backend (auto: onnxruntime on
+    a CPU): blocks, binds 127.0.0.1 only, and its search endpoint answers like the index."""
     from gradio_client import Client, handle_file
 
     from mocoretrieval.index import ImageIndex
 
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--index", str(saved_index), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "MOCORETRIEVAL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -192,11 +184,12 @@ def test_python_m_app_serves_on_localhost(saved_index):
         # Bound to 127.0.0.1 only: another loopback address (what 0.0.0.0 would accept) is refused.
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.2:{port}/", timeout=2)
+        assert list((tmp_path / "cache").rglob("*.onnx"))  # the query encoder is onnxruntime
         query = saved_index / "img_0003.png"
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         gallery, _ = client.predict(handle_file(str(query)), 3, api_name="/search")
         client.close()
-        with ImageIndex.open(saved_index) as index:
+        with ImageIndex.open(saved_index) as index:  # torch
             expected = index.search(query, k=3)
         got = [views.parse_caption(item["caption"]) for item in gallery]
         assert got[0][0] == "img_0003.png"
