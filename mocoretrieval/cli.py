@@ -259,7 +259,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "--index-type",
         metavar="FACTORY",
         help="FAISS factory string, e.g. Flat, IVF4096,Flat, HNSW32,Flat (default: exact search "
-        "up to 50k images, then IVF tuned for recall@10 >= 0.95)",
+        "up to 50k images, then IVF with PQ fast-scan codes re-ranked exactly, tuned for "
+        "recall@10 >= 0.95)",
     )
     p.add_argument("--rebuild", action="store_true", help="forget every embedding and start over")
     _add_backend_arguments(p)

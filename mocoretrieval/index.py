@@ -20,7 +20,7 @@ from PIL import Image
 
 from . import ann, embed
 from .data import load_image, walk_images
-from .errors import MoCoRetrievalError, ModelMismatchError
+from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
 from .faiss_file import FaissFile
 from .layout import (
     DATABASE,
@@ -391,6 +391,8 @@ class ImageIndex:
             if isinstance(q, Image.Image):
                 images.append((i, q))
             elif isinstance(q, (str, os.PathLike)):
+                if not os.path.exists(q):
+                    raise ImageError("no such file", os.fspath(q))
                 images.append(
                     (i, load_image(q, min_side=getattr(self.encoder, "resize_size", None)))
                 )

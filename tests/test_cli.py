@@ -129,7 +129,7 @@ def test_user_errors_are_one_line_and_status_1(indexed, tmp_path, capsys, monkey
     assert main(["index", str(tmp_path / "missing"), "-q"]) == 1
     assert "not a folder" in _error_line(capsys)
     assert main(["search", str(tmp_path / "nope.jpg"), "--index", str(root)]) == 1
-    assert "nope.jpg" in _error_line(capsys)
+    assert "nope.jpg: no such file" in _error_line(capsys)
     assert _index(root, encoder, "--index-type", "NotAFactory") == 1
     assert "factory" in _error_line(capsys)
 
