@@ -143,9 +143,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         index = open_index(Path(tmp) / "photos", args.backend)  # as `serve` does
-        print(
-            f"encoder loaded ({type(index.encoder).__name__}) in {time.perf_counter() - t0:.0f} s"
-        )
+        encoder_kind = type(index.encoder).__name__  # what `auto` chose
+        print(f"encoder loaded ({encoder_kind}) in {time.perf_counter() - t0:.0f} s")
         page_app = build_app(index, k_default=args.k)
         url = launch(page_app, port=None, block=False)
         queries = [pool[(7 * i) % len(pool)] for i in range(args.queries + 5)]
@@ -203,7 +202,7 @@ def main() -> None:
         "thumbs": f"... {args.k} thumbnails (decode + resize, threads)",
     }
     rows = [(labels[name], p50(times[name])) for name in stages]
-    backend = args.backend
+    backend = f"{args.backend} ({encoder_kind})"
     title = (
         f"app latency: {args.n} images ({info['index_type']}), k={args.k}, "
         f"{len(e2e)} queries, {len(pool)} {'baseline' if args.baseline_only else 'mixed'} JPEG "
