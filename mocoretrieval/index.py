@@ -334,6 +334,8 @@ class ImageIndex:
             todo = [p for p, st in stats.items() if p not in known or known[p][:2] != tuple(st)]
             if todo:
                 done = 0
+                if progress is not None:
+                    progress(0, len(todo))  # the bar appears before the model loads
                 batches = embed.iter_embeddings(
                     self.encoder,
                     self.root,

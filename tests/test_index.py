@@ -26,6 +26,7 @@ import mocoretrieval
 from mocoretrieval import embed
 from mocoretrieval.errors import IndexFormatError, MoCoRetrievalError, ModelMismatchError
 from mocoretrieval.index import ImageIndex
+from mocoretrieval.layout import UpdateLock
 from mocoretrieval.store import FileStat
 
 WORKERS = 0  # decode in the test process: no worker start-up cost
@@ -131,8 +132,10 @@ def test_add_modify_delete_then_rerun_matches_folder(tmp_path, tiny_encoder):
     (root / "img_0001.png").unlink()
     make_images(root / "new", 3, seed=7)
     Image.open(root / "img_0004.jpg").rotate(90).save(root / "img_0002.jpg")  # changed content
-    report = index.update(workers=WORKERS)
+    calls = []
+    report = index.update(workers=WORKERS, batch_size=2, progress=lambda *a: calls.append(a))
 
+    assert calls[0] == (0, 4) and calls[-1] == (4, 4) and len(calls) == 3  # start + 2 batches
     assert report.removed == ["img_0001.png"]
     assert report.added == ["new/img_0000.jpg", "new/img_0001.png", "new/img_0002.jpg"]
     assert report.updated == ["img_0002.jpg"]
@@ -251,6 +254,15 @@ def test_index_type_factory_string_and_tuning(built, tmp_path):
     _assert_matches_folder(index, copy)
     with pytest.raises(MoCoRetrievalError, match="factory"):
         ImageIndex.create(copy, index_type="NotAnIndex42")
+
+
+def test_a_second_concurrent_update_is_refused(tmp_path, tiny_encoder):
+    root = tmp_path / "photos"
+    make_images(root, 2)
+    index = ImageIndex.build(root, model=tiny_encoder, workers=WORKERS)
+    with UpdateLock(index.path), pytest.raises(MoCoRetrievalError, match="another"):
+        index.update(workers=WORKERS)
+    assert index.update(workers=WORKERS).added == []  # released
 
 
 def test_user_errors_are_domain_errors(tmp_path):
