@@ -104,6 +104,21 @@ def test_result_images_are_served_from_gradios_cache(served, tmp_path):
             assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
 
 
+def test_search_refuses_files_that_were_not_uploaded(served):
+    """The search handler reads the uploaded file itself (preprocess=False); Gradio still
+    checks that the path it is given is one of its uploads, so an API caller cannot make the
+    server read and search any file on disk."""
+    url, index = served
+    outside = index.root.parent / "outside" / "img_0000.jpg"
+    assert outside.is_file()
+    payload = {"data": [{"path": str(outside), "meta": {"_type": "gradio.FileData"}}, 5]}
+    with httpx.Client(timeout=60) as http:
+        event = http.post(f"{url}/gradio_api/call/search", json=payload).json()["event_id"]
+        stream = http.get(f"{url}/gradio_api/call/search/{event}").text
+    assert "event: error" in stream and "event: complete" not in stream
+    assert "score" not in stream and "·" not in stream
+
+
 def test_uploads_over_the_limit_are_refused(served):
     url, _ = served
     with httpx.Client() as http:
