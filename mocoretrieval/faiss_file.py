@@ -123,9 +123,9 @@ class FaissFile:
     def _reusable_training(self, requested: str, n: int) -> ann.BuiltIndex | None:
         """The saved index, when its training (k-means, codebooks) still fits ``n`` vectors.
 
-        k-means is most of an IVF build (see benchmarks/RESULTS.md); the centroids of a
-        collection that has not halved or doubled since still describe it, so adding a few
-        photos only refills the lists.
+        Training is most of an IVF build (measured at 200k x 512, automatic index: train
+        31 s, add 8 s, tune 5 s); the centroids of a collection that has not halved or doubled
+        since still describe it, so adding a few photos only refills the lists.
         """
         entry = self.manifest.get("faiss") or {}
         trained_on = entry.get("trained_on")
