@@ -12,8 +12,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from app_helpers import build_photo_index, free_port, launch_app, shown_paths
-from conftest import make_images
+from app_helpers import build_photo_index, free_port, launch_app, make_images, shown_paths
 
 from app import views
 from app.server import DEFAULT_HOST, launch_options

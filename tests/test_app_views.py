@@ -6,8 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from app_helpers import build_photo_index, shown_paths
-from conftest import make_images, make_tiny_encoder
+from app_helpers import build_photo_index, make_images, make_tiny_encoder, shown_paths
 from PIL import Image
 
 from app import views
