@@ -6,8 +6,9 @@ Measures, in one run and on the same random-weight encoder and batch size:
   ceiling any pipeline can reach;
 - ``iter_embeddings``: files to vectors with :func:`mocoretrieval.embed.iter_embeddings`
   (draft-mode decoding in worker processes, overlapped with the model);
-- ``cli index`` (with ``--cli``, once the command exists): ``mocoretrieval index`` as a user runs
-  it, process start and model loading included;
+- ``cli index`` (with ``--cli``): ``mocoretrieval index`` as a user runs it, process start and
+  model loading included; with ``--backend torch`` (the same model as the rows above) and with
+  the default backend (onnxruntime on CPU, exported once before timing);
 - ``decoding only``: ``iter_embeddings`` with a null encoder: the decoding pipeline alone;
 - ``naive batched``: full PIL decode -> transform -> model (default layout, ``no_grad``), in
   one process, batched like the others;
@@ -132,7 +133,9 @@ def run_naive(encoder: MoCoEncoder, folder: Path, rel: list[str], batch_size: in
             torch.nn.functional.normalize(encoder(batch), dim=1).numpy()
 
 
-def run_cli(model_dir: Path, folder: Path, rel: list[str], args) -> None:
+def run_cli(
+    model_dir: Path, folder: Path, rel: list[str], args, backend: str | None = None
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         for r in rel:  # a folder of exactly these files, as links (walk_images lists links)
@@ -141,21 +144,23 @@ def run_cli(model_dir: Path, folder: Path, rel: list[str], args) -> None:
         cmd = [
             sys.executable, "-m", "mocoretrieval", "index", str(photos), "--index",
             str(Path(tmp) / "index"), "--model", str(model_dir), "--batch-size",
-            str(args.batch_size), "--device", "cpu",
+            str(args.batch_size), "--device", "cpu", "--quiet",
         ]  # fmt: skip
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
+        if backend is not None:
+            cmd += ["--backend", backend]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def cli_has_index() -> bool:
+def index_options() -> set[str]:
+    """The options `mocoretrieval index` takes; empty when the command does not exist."""
     from mocoretrieval.cli import build_parser
 
-    try:
-        build_parser().parse_args(["index", "--help"])
-    except SystemExit as e:
-        return e.code == 0
-    return False
+    for action in build_parser()._subparsers._group_actions:  # noqa: SLF001 - argparse API
+        if "index" in getattr(action, "choices", {}):
+            return set(action.choices["index"]._option_string_actions)  # noqa: SLF001
+    return set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +195,20 @@ def main(argv: list[str] | None = None) -> int:
         methods["naive 1-by-1"] = lambda: run_naive(naive_encoder, args.folder, rel, 1)
     model_dir = None
     if args.cli:
-        if not cli_has_index():
+        options = index_options()
+        if not options:
             p.error("`mocoretrieval index` does not exist yet; run without --cli")
         model_dir = Path(tempfile.mkdtemp())
         encoder.save_pretrained(model_dir)
-        methods["cli index"] = lambda: run_cli(model_dir, args.folder, rel, args)
+        if "--backend" in options:  # the same torch model as the rows above, then the default
+            methods["cli index, torch"] = lambda: run_cli(
+                model_dir, args.folder, rel, args, "torch"
+            )
+            methods["cli index, default"] = lambda: run_cli(model_dir, args.folder, rel, args)
+            # The default backend exports the model once (cached by weights hash): not timed.
+            run_cli(model_dir, args.folder, rel[:1], args)
+        else:
+            methods["cli index"] = lambda: run_cli(model_dir, args.folder, rel, args)
 
     # Warm-up: oneDNN picks its kernels on the first call of each shape and layout.
     run_model_only(encoder, args.batch_size, args.batch_size)
