@@ -306,7 +306,7 @@ def summary_markdown(info: dict[str, Any], max_skipped: int = 20) -> str:
     skipped = info.get("skipped") or {}
     n_skipped = skipped if isinstance(skipped, int) else len(skipped)
     lines = [
-        f"- **Model:** `{info.get('model', '?')}`",
+        f"- **Model:** `{info.get('model') or 'not recorded (an in-memory encoder)'}`",
         f"- **Images:** {info.get('count', 0)}",
         f"- **Dimension:** {info.get('dim', '?')}",
         f"- **Index type:** `{info.get('index_type', '?')}`",
