@@ -37,13 +37,22 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1][1:].lower() in IMAGE_EXTENSIONS
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def walk_images(
     root: str | Path, exclude: Sequence[str | Path] = (), *, follow_symlinks: bool = False
 ) -> list[str]:
     """Lists the image files under ``root``, recursively, in a deterministic order.
 
     Hidden files and folders (name starting with ``.``) and the folders in ``exclude`` (e.g. the
-    index's own folder) are skipped. Symlinked files are listed; symlinked folders are only
+    index's own folder) are skipped, and so, with a logged warning, are files whose path is not
+    valid UTF-8 (no index can store such a name). Symlinked files are listed; symlinked folders are only
     entered with ``follow_symlinks``, and then never twice (no loops, no duplicates).
 
     Args:
@@ -85,7 +94,15 @@ def walk_images(
         for name in filenames:
             if name.startswith(".") or not is_image_name(name):
                 continue
-            found.append((rel / name).as_posix())
+            path = (rel / name).as_posix()
+            if not _is_utf8(path):
+                # Python holds the undecodable bytes as surrogates, which no index, JSON or
+                # SQLite text can store; skipping the file beats failing the whole run on it.
+                logger.warning(
+                    "skipping %r: its name is not valid UTF-8; rename it to index it", path
+                )
+                continue
+            found.append(path)
     found.sort()
     return found
 
@@ -207,6 +224,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         if e.path is None:
             raise ImageError(e.reason, path) from e
         raise
+    except FileNotFoundError:
+        raise ImageError("broken link" if os.path.islink(path) else "vanished", path) from None
     except MemoryError:
         raise ImageError("too large to decode in memory", path) from None
     except Exception as e:  # Pillow raises many types on malformed data

@@ -68,6 +68,18 @@ def test_walk_skips_hidden_and_excluded_folders(tmp_path):
     assert walk_images(tmp_path) == ["keep/a.jpg", "my_index/d.png"]
 
 
+def test_walk_skips_names_that_are_not_utf8_with_a_warning(tmp_path, caplog):
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    try:
+        (tmp_path / "café.jpg").write_bytes(b"x")  # UTF-8: kept
+        open(os.fsencode(tmp_path) + b"/caf\xe9.jpg", "wb").close()  # Latin-1 bytes
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    with caplog.at_level("WARNING", logger="mocoretrieval.data"):
+        assert walk_images(tmp_path) == ["café.jpg", "ok.jpg"]
+    assert "not valid UTF-8" in caplog.text
+
+
 def test_walk_survives_symlink_loops(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(b"x")
@@ -252,6 +264,14 @@ def test_each_broken_file_raises_image_error_with_a_reason(tmp_path):
 def test_vanished_file(tmp_path):
     with pytest.raises(ImageError, match="vanished"):
         load_image(tmp_path / "gone.jpg")
+
+
+def test_broken_link(tmp_path):
+    os.symlink(tmp_path / "moved_away.jpg", tmp_path / "link.jpg")
+    assert walk_images(tmp_path) == ["link.jpg"]
+    with pytest.raises(ImageError) as info:
+        load_image(tmp_path / "link.jpg")
+    assert info.value.reason == "broken link"
 
 
 def test_directory_named_like_an_image(tmp_path):
