@@ -113,6 +113,9 @@ class MoCoEncoder(
         self.source = source
         self.paper = paper or PAPERS[moco_version]
         self.extra = dict(extra or {})
+        # Where from_pretrained found this encoder (absolute path, Hub id or alias), so that an
+        # index can load it again; ``source`` is provenance and may not be loadable.
+        self.loaded_from: str | None = None
 
         self.backbone = build_backbone(arch, img_size=input_size, small_stem=small_stem)
         self.head = None

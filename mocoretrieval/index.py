@@ -88,7 +88,7 @@ def _load_encoder(model: Any, device: str | None) -> tuple[Any, str | None]:
 
         source = _model_source(model)
         return load(source, device=embed.resolve_device(device)), source
-    return model, getattr(model, "source", None)
+    return model, getattr(model, "loaded_from", None) or getattr(model, "source", None)
 
 
 class ImageIndex:

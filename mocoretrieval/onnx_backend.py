@@ -108,6 +108,7 @@ class OnnxEncoder:
         self.session = _session(self.path, opts, providers)
         self.meta = _parse_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self._config = dict(config if config is not None else self.meta["config"])
+        self.loaded_from: str | None = None  # the model source it was exported from, if known
         self.input_name = self.meta.get("input_name", self.session.get_inputs()[0].name)
         self.quantize: str | None = self.meta.get("quantize")
 
@@ -335,7 +336,9 @@ def load_backend(
         return encoder.to(device).eval()
     path = cached_onnx(encoder, cache_dir, quantize, calibration_images)
     logger.info("embedding with onnxruntime (%s)", path.name)
-    return OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
+    onnx_encoder = OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
+    onnx_encoder.loaded_from = getattr(encoder, "loaded_from", None)
+    return onnx_encoder
 
 
 def index_model(

@@ -70,6 +70,7 @@ def load(
         raise SourceError(
             f"cannot load a model from {text!r}: no such file or directory.\n{ACCEPTED}"
         )
+    encoder.loaded_from = str(path.resolve()) if path.exists() else text
     return encoder.to(device).eval()
 
 

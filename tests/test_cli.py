@@ -180,3 +180,22 @@ def test_as_a_subprocess(indexed, tmp_path):
     )
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.startswith("error: no index at") and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_rerun_and_search_reload_the_model_from_where_it_was_loaded(tmp_path, capsys, backend):
+    # The encoder's config names its provenance, which is not a loadable source: the index must
+    # record the directory the user passed, or a re-run without --model cannot find the model.
+    torch.manual_seed(12)
+    make_tiny_encoder(source="trained on my laptop").save_pretrained(tmp_path / "enc")
+    root = tmp_path / "photos"
+    make_images(root, 4)
+    common = ["--workers", "0", "-q", "--backend", backend]
+    assert main(["index", str(root), "--model", str(tmp_path / "enc"), *common]) == 0
+    make_images(root / "more", 2, seed=3)
+    assert main(["index", str(root), *common]) == 0
+    assert "added 2" in capsys.readouterr().out
+    query = str(root / "more" / "img_0000.jpg")
+    assert main(["search", query, "--index", str(root), "--json", "--backend", backend]) == 0
+    results = json.loads(capsys.readouterr().out)[0]["results"]
+    assert Path(results[0]["path"]).name == "img_0000.jpg"
