@@ -52,14 +52,19 @@ from mocoretrieval.embed import available_cpus, iter_embeddings
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def pick_jpegs(folder: Path, limit: int, min_pixels: float) -> list[str]:
+def pick_jpegs(
+    folder: Path, limit: int, min_pixels: float, skip_progressive: bool = False
+) -> list[str]:
     """The first ``limit`` JPEGs of at least ``min_pixels`` pixels, in walk order."""
     out = []
     for rel in walk_images(folder):
         if rel.lower().endswith((".jpg", ".jpeg")):
             with Image.open(folder / rel) as im:
-                if im.width * im.height >= min_pixels:
-                    out.append(rel)
+                if im.width * im.height < min_pixels:
+                    continue
+                if skip_progressive and im.info.get("progressive"):
+                    continue
+                out.append(rel)
         if len(out) == limit:
             break
     return out
@@ -168,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folder", type=Path, default=Path("/usr/share/wallpapers"))
     p.add_argument("--limit", type=int, default=40, help="number of JPEGs")
     p.add_argument("--min-mpix", type=float, default=2.0, help="skip JPEGs smaller than this")
+    p.add_argument(
+        "--skip-progressive",
+        action="store_true",
+        help="only baseline JPEGs (what cameras write; draft mode saves least on progressive)",
+    )
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="default: iter_embeddings' choice")
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     load_before = os.getloadavg()[0]
-    rel = pick_jpegs(args.folder, args.limit, args.min_mpix * 1e6)
+    rel = pick_jpegs(args.folder, args.limit, args.min_mpix * 1e6, args.skip_progressive)
     if not rel:
         p.error(f"no JPEG of at least {args.min_mpix} MPix under {args.folder}")
     n = len(rel)
