@@ -3,29 +3,13 @@ launched on 127.0.0.1 at a free port."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
-
-
-def _root_conftest() -> ModuleType:
-    """tests/conftest.py, loaded by path: ``import conftest`` is ambiguous (tests/training has
-    one too, and which one wins depends on what pytest collected first)."""
-    spec = importlib.util.spec_from_file_location(
-        "mocoretrieval_tests_conftest", Path(__file__).with_name("conftest.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _root_conftest()
-make_images, make_tiny_encoder = _conftest.make_images, _conftest.make_tiny_encoder
+from factories import make_images, make_tiny_encoder
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ subprocess; the JSON schemas; user errors as one line on stderr with exit status
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,22 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import make_images, make_tiny_encoder
 
 from mocoretrieval.cli import main
-
-
-def _root_conftest():
-    """tests/conftest.py by path: ``import conftest`` may find tests/training's instead."""
-    spec = importlib.util.spec_from_file_location(
-        "_tests_conftest", Path(__file__).parent / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _root_conftest()
-make_images, make_tiny_encoder = _conftest.make_images, _conftest.make_tiny_encoder
 
 
 @pytest.fixture(scope="module")

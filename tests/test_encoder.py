@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from factories import make_tiny_encoder
 from PIL import Image
 
-from conftest import make_tiny_encoder
 from mocoretrieval import MoCoEncoder
 from mocoretrieval.backbones import sincos_pos_embed_2d
 

@@ -3,7 +3,6 @@ model pinning, a stale or corrupt FAISS file, and a kill -9 in the middle of a r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from factories import make_images, make_tiny_encoder
 from PIL import Image
 from test_data import make_broken_files
 
@@ -28,20 +28,6 @@ from mocoretrieval.errors import IndexFormatError, MoCoRetrievalError, ModelMism
 from mocoretrieval.index import ImageIndex
 from mocoretrieval.layout import UpdateLock
 from mocoretrieval.store import FileStat
-
-
-def _root_conftest():
-    """tests/conftest.py by path: ``import conftest`` may find tests/training's instead."""
-    spec = importlib.util.spec_from_file_location(
-        "_tests_conftest", Path(__file__).parent / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _root_conftest()
-make_images, make_tiny_encoder = _conftest.make_images, _conftest.make_tiny_encoder
 
 WORKERS = 0  # decode in the test process: no worker start-up cost
 
