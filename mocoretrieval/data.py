@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -27,6 +28,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Stored thumbnails are viewed in a ~170 px gallery cell; 85 is Pillow's "visually near
+# lossless" range and keeps a 320 px JPEG around 15-25 kB.
+THUMBNAIL_QUALITY = 85
 
 
 # --- walking ------------------------------------------------------------------------------
@@ -233,6 +237,18 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         raise ImageError(_reason(e), path) from e
 
 
+def encode_thumbnail(img: Image.Image, side: int, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """A baseline JPEG of ``img`` fitting a ``side`` square (never enlarged); ``img`` is modified.
+
+    Made from an image already decoded (and reduced) for the model, it costs a few ms, while
+    decoding the original again for the app costs up to hundreds of ms for a progressive JPEG.
+    """
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 # --- torch dataset ------------------------------------------------------------------------
 
 
@@ -242,18 +258,23 @@ class DecodedBatch(NamedTuple):
     indices: list[int]  # dataset indices of the decoded images, in order
     images: torch.Tensor | None  # (n, 3, H, W), None when every image failed
     failed: list[tuple[int, str]]  # (dataset index, reason)
+    thumbnails: list[bytes | None]  # aligned with indices; empty when not asked for
 
 
 class ImageFileDataset(Dataset):
     """Files under a root, decoded and transformed; a bad file yields its reason, not an error.
 
-    Item ``i`` is ``(i, tensor, None)`` or ``(i, None, reason)``.
+    Item ``i`` is ``(i, tensor, None, thumbnail)`` or ``(i, None, reason, None)``, where
+    ``thumbnail`` is a JPEG (see :func:`encode_thumbnail`) made from the decoded image, or None
+    when ``thumbnail_size`` is None or it could not be made.
 
     Args:
         root: the folder ``relpaths`` are relative to.
         relpaths: image paths relative to ``root``.
         transform: PIL RGB image -> tensor (e.g. ``encoder.preprocess``).
         min_side: passed to :func:`load_image` (JPEG draft mode); usually the resize size.
+        thumbnail_size: the thumbnail's longest side; None makes none. It is made from the image
+            as decoded for ``min_side``, so it is smaller when that image is.
     """
 
     def __init__(
@@ -262,30 +283,41 @@ class ImageFileDataset(Dataset):
         relpaths: Sequence[str],
         transform: Callable[[Image.Image], Any],
         min_side: int | None = None,
+        thumbnail_size: int | None = None,
     ) -> None:
         self.root = os.fspath(root)
         self.relpaths = list(relpaths)
         self.transform = transform
         self.min_side = min_side
+        self.thumbnail_size = thumbnail_size
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
+        path = os.path.join(self.root, self.relpaths[i])
         try:
-            img = load_image(os.path.join(self.root, self.relpaths[i]), self.min_side)
+            img = load_image(path, self.min_side)
         except ImageError as e:
-            return i, None, e.reason
+            return i, None, e.reason, None
         try:
-            return i, self.transform(img), None
+            x = self.transform(img)
         except Exception as e:  # noqa: BLE001 - one odd image must not end the run
-            return i, None, f"transform failed: {str(e)[:80] or type(e).__name__}"
+            return i, None, f"transform failed: {str(e)[:80] or type(e).__name__}", None
+        thumb = None
+        if self.thumbnail_size:
+            try:  # after the transform: thumbnailing works on the image in place
+                thumb = encode_thumbnail(img, self.thumbnail_size)
+            except Exception as e:  # noqa: BLE001 - the app falls back to decoding the file
+                logger.debug("%s: no thumbnail: %s", path, e)
+        return i, x, None, thumb
 
 
-def collate(items: Sequence[tuple[int, Any, str | None]]) -> DecodedBatch:
+def collate(items: Sequence[tuple[int, Any, str | None, bytes | None]]) -> DecodedBatch:
     """Stacks the decoded items of a batch and keeps the failed ones aside."""
-    ok = [(i, x) for i, x, reason in items if reason is None]
-    failed = [(i, reason) for i, x, reason in items if reason is not None]
+    ok = [item for item in items if item[2] is None]
+    failed = [(i, reason) for i, _, reason, _ in items if reason is not None]
     # default_collate stacks straight into shared memory inside a DataLoader worker.
-    images = default_collate([x for _, x in ok]) if ok else None
-    return DecodedBatch([i for i, _ in ok], images, failed)
+    images = default_collate([x for _, x, _, _ in ok]) if ok else None
+    thumbnails = [t for *_, t in ok] if any(t is not None for *_, t in ok) else []
+    return DecodedBatch([i for i, *_ in ok], images, failed, thumbnails)

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # few workers keep a CPU model fed; more would only take cores from it.
 MAX_AUTO_WORKERS = 4
 MIN_FILES_FOR_WORKERS = 8
+# The app's gallery thumbnails (app.views.THUMB_SIDE): made while the image is decoded anyway.
+DEFAULT_THUMBNAIL_SIZE = 320
 
 
 @dataclass
@@ -34,11 +36,14 @@ class EmbeddedBatch:
         paths: the files embedded, relative to the root.
         vectors: (len(paths), D) float32, L2-normalised rows, aligned with ``paths``.
         skipped: (relative path, reason) of the files that could not be used.
+        thumbnails: a small JPEG per embedded file, aligned with ``paths`` (None where one could
+            not be made); empty when none were asked for.
     """
 
     paths: list[str]
     vectors: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    thumbnails: list[bytes | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths) + len(self.skipped)
@@ -148,6 +153,7 @@ def iter_embeddings(
     device: str | torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     prefetch_factor: int = 2,
+    thumbnail_size: int | None = DEFAULT_THUMBNAIL_SIZE,
 ) -> Iterator[EmbeddedBatch]:
     """Decodes and embeds image files batch by batch, yielding results in input order.
 
@@ -168,6 +174,8 @@ def iter_embeddings(
         progress: called after each batch with the number of files that batch finished
             (embedded + skipped), e.g. ``tqdm.update``.
         prefetch_factor: chunks (a batch's share) each worker decodes ahead.
+        thumbnail_size: longest side of the JPEG thumbnails made in the decoding workers from
+            the image decoded for the model (so never larger than it); None makes none.
 
     Returns:
         An iterator of one :class:`EmbeddedBatch` per batch of ``relpaths``; arguments are
@@ -194,7 +202,13 @@ def iter_embeddings(
     chunks, chunks_per_batch = plan_chunks(
         len(relpaths), batch_size, max(workers, 1), first_batch=first_batch
     )
-    dataset = ImageFileDataset(root, relpaths, encoder.preprocess, min_side=encoder.resize_size)
+    dataset = ImageFileDataset(
+        root,
+        relpaths,
+        encoder.preprocess,
+        min_side=encoder.resize_size,
+        thumbnail_size=thumbnail_size,
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=chunks,
@@ -205,7 +219,16 @@ def iter_embeddings(
         persistent_workers=False,
     )
     logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
-    return _embed_batches(encoder, loader, relpaths, chunks_per_batch, dev, memory_format, progress)
+    return _embed_batches(
+        encoder,
+        loader,
+        relpaths,
+        chunks_per_batch,
+        dev,
+        memory_format,
+        progress,
+        thumbnails=bool(thumbnail_size),
+    )
 
 
 def _embed_batches(
@@ -216,6 +239,7 @@ def _embed_batches(
     dev: torch.device,
     memory_format: torch.memory_format | None,
     progress: Callable[[int], None] | None,
+    thumbnails: bool,
 ) -> Iterator[EmbeddedBatch]:
     fmt = memory_format or torch.preserve_format
     dim = int(getattr(encoder, "dim", 0))
@@ -233,7 +257,14 @@ def _embed_batches(
                 vectors = np.asarray(encoder.embed(batch.to(memory_format=fmt)), dtype=np.float32)
         else:
             vectors = np.zeros((0, dim), dtype=np.float32)
-        out = EmbeddedBatch([relpaths[i] for p in parts for i in p.indices], vectors, skipped)
+        thumbs = (
+            [t for p in parts for t in (p.thumbnails or [None] * len(p.indices))]
+            if thumbnails
+            else []
+        )
+        out = EmbeddedBatch(
+            [relpaths[i] for p in parts for i in p.indices], vectors, skipped, thumbs
+        )
         if progress is not None:
             progress(len(out))
         yield out

@@ -14,6 +14,7 @@ from mocoretrieval.data import (
     IMAGE_EXTENSIONS,
     ImageFileDataset,
     collate,
+    encode_thumbnail,
     load_image,
     to_rgb,
     walk_images,
@@ -338,3 +339,34 @@ def test_dataset_and_collate_keep_failures_aside(tmp_path):
     assert isinstance(batch.images, torch.Tensor) and batch.images.shape == (1, 3, 8, 8)
     assert sorted(rel[i] for i, _ in batch.failed) == sorted(set(rel) - {"good.png"})
     assert collate([items[0]]).images is None
+    assert batch.thumbnails == []  # none asked for
+
+
+def test_dataset_makes_jpeg_thumbnails_from_the_decoded_image(tmp_path):
+    from torchvision.transforms.functional import to_tensor
+
+    _save(tmp_path / "wide.png", Image.fromarray(_texture(800, 400)))
+    _save(tmp_path / "small.png", Image.fromarray(_texture(60, 30)))
+    _save(tmp_path / "bad.jpg", Image.new("RGB", (1, 1)))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    rel = walk_images(tmp_path)
+
+    def transform(img: Image.Image):
+        return to_tensor(img.resize((8, 8)))
+
+    ds = ImageFileDataset(tmp_path, rel, transform=transform, min_side=100, thumbnail_size=128)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert [rel[i] for i in batch.indices] == ["small.png", "wide.png"]
+    sizes = []
+    for blob in batch.thumbnails:
+        with Image.open(io.BytesIO(blob)) as thumb:
+            assert thumb.format == "JPEG" and thumb.mode == "RGB"
+            sizes.append(thumb.size)
+    # wide.png is reduced to 400x200 for min_side=100, then fitted into 128; small.png is kept.
+    assert sizes == [(60, 30), (128, 64)]
+    assert batch.images.shape == (2, 3, 8, 8)
+
+
+def test_encode_thumbnail_never_enlarges():
+    blob = encode_thumbnail(Image.fromarray(_texture(20, 10)), 320)
+    assert Image.open(io.BytesIO(blob)).size == (20, 10)

@@ -77,6 +77,28 @@ def test_broken_files_are_skipped_with_reasons_and_good_ones_embedded(
         assert reasons[name].startswith(reason), (name, reasons[name])
 
 
+def test_thumbnails_are_aligned_with_paths_and_optional(tmp_path, image_folder, tiny_encoder):
+    import io
+
+    from PIL import Image
+
+    make_broken_files(image_folder)
+    rel = walk_images(image_folder)
+    batches = list(
+        iter_embeddings(tiny_encoder, image_folder, rel, batch_size=4, workers=2, thumbnail_size=24)
+    )
+    for b in batches:
+        assert len(b.thumbnails) == len(b.paths)
+        for path, blob in zip(b.paths, b.thumbnails):
+            decoded = load_image(image_folder / path, tiny_encoder.resize_size)
+            decoded.thumbnail((24, 24))
+            with Image.open(io.BytesIO(blob)) as thumb:
+                assert thumb.format == "JPEG" and thumb.size == decoded.size
+    assert sum(len(b.thumbnails) for b in batches) == sum(len(b.paths) for b in batches) > 0
+    off = list(iter_embeddings(tiny_encoder, image_folder, rel, workers=0, thumbnail_size=None))
+    assert all(b.thumbnails == [] for b in off)
+
+
 def test_a_batch_of_only_broken_files_still_yields(tmp_path, tiny_encoder):
     make_broken_files(tmp_path)
     rel = walk_images(tmp_path)
