@@ -351,7 +351,11 @@ class ImageIndex:
                 for batch in batches:
                     skipped = [(p, reason, stats[p]) for p, reason in batch.skipped]
                     self.store.add_batch(
-                        batch.paths, batch.vectors, [stats[p] for p in batch.paths], skipped
+                        batch.paths,
+                        batch.vectors,
+                        [stats[p] for p in batch.paths],
+                        skipped,
+                        thumbnails=batch.thumbnails,
                     )
                     for p in batch.paths:
                         (report.updated if p in known else report.added).append(p)

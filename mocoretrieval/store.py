@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS vectors (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Added after schema version 1 without bumping it: an extra table is invisible to older readers,
+# and a database without it (an index built before thumbnails) gets it on the next writable
+# open; until the files are re-embedded it just has no thumbnails, and the app decodes files.
+_THUMBNAILS = """
+CREATE TABLE IF NOT EXISTS thumbnails (
+    vector_id INTEGER PRIMARY KEY,      -- vectors.id of the file's current embedding
+    jpeg BLOB NOT NULL                  -- a small JPEG made when the file was embedded
+);
+"""
 
 
 class FileRecord(NamedTuple):
@@ -55,6 +64,13 @@ class FileStat(NamedTuple):
 
     size: int
     mtime_ns: int
+
+
+class StoredThumbnail(NamedTuple):
+    """A file's thumbnail with the size and mtime the file had when it was made."""
+
+    stat: FileStat
+    jpeg: bytes
 
 
 class Store:
@@ -82,6 +98,9 @@ class Store:
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._create_schema()
             self._check_schema()
+            if not readonly:
+                with self._db:
+                    self._db.executescript(_THUMBNAILS)
         except sqlite3.DatabaseError as e:
             raise IndexFormatError(
                 f"cannot read the index database {self.path}: {e}. Delete the index directory "
@@ -181,6 +200,26 @@ class Store:
                 )
         return out
 
+    def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
+        """The stored thumbnails of embedded files, by relative path (files without one, or an
+        index built before thumbnails were stored, are left out)."""
+        wanted = sorted(set(paths))
+        out: dict[str, StoredThumbnail] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):  # SQLite caps the number of parameters
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                try:
+                    rows = self._db.execute(
+                        "SELECT f.path, f.size, f.mtime_ns, t.jpeg FROM files f JOIN thumbnails t "
+                        f"ON t.vector_id = f.vector_id WHERE f.path IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                except sqlite3.OperationalError:  # no such table: opened read-only, pre-thumbnails
+                    return {}
+                out.update((r[0], StoredThumbnail(FileStat(r[1], r[2]), r[3])) for r in rows)
+        return out
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -198,24 +237,32 @@ class Store:
         vectors: np.ndarray,
         stats: Sequence[FileStat],
         skipped: Sequence[tuple[str, str, FileStat]] = (),
+        thumbnails: Sequence[bytes | None] = (),
     ) -> None:
-        """Commits one batch: embedded files with their vectors, and skipped files with reasons.
+        """Commits one batch: embedded files with their vectors (and thumbnails), and skipped
+        files with reasons.
 
-        A path already in the store is replaced, its old vector deleted in the same transaction.
+        A path already in the store is replaced, its old vector and thumbnail deleted in the same
+        transaction.
 
         Args:
             paths: relative paths of the embedded files.
             vectors: (len(paths), dim) embeddings.
             stats: the size and mtime each embedded file had when it was read.
             skipped: ``(path, reason, stat)`` of the files that could not be embedded.
+            thumbnails: a JPEG (or None) per embedded file, aligned with ``paths``; empty for
+                none.
         """
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         if vectors.shape != (len(paths), self.dim):
             raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
+        if thumbnails and len(thumbnails) != len(paths):
+            raise ValueError(f"expected {len(paths)} thumbnails, got {len(thumbnails)}")
+        thumbs = thumbnails or [None] * len(paths)
         now = time.time()
         with self._lock, self._db:
             self._delete_vectors_of([*paths, *(s[0] for s in skipped)])
-            for path, vector, stat in zip(paths, vectors, stats):
+            for path, vector, stat, thumb in zip(paths, vectors, stats, thumbs):
                 cur = self._db.execute(
                     "INSERT INTO vectors (vector) VALUES (?)", (vector.tobytes(),)
                 )
@@ -223,6 +270,8 @@ class Store:
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, NULL, ?)",
                     (path, stat.size, stat.mtime_ns, cur.lastrowid, now),
                 )
+                if thumb is not None:
+                    self._db.execute("INSERT INTO thumbnails VALUES (?, ?)", (cur.lastrowid, thumb))
             for path, reason, stat in skipped:
                 self._db.execute(
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, NULL, ?, ?)",
@@ -244,9 +293,14 @@ class Store:
         with self._lock, self._db:
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM vectors")
+            self._db.execute("DELETE FROM thumbnails")
             self._bump_generation()
 
     def _delete_vectors_of(self, paths: Sequence[str]) -> None:
+        self._db.executemany(
+            "DELETE FROM thumbnails WHERE vector_id = (SELECT vector_id FROM files WHERE path=?)",
+            [(p,) for p in paths],
+        )
         self._db.executemany(
             "DELETE FROM vectors WHERE id = (SELECT vector_id FROM files WHERE path=?)",
             [(p,) for p in paths],

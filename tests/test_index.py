@@ -144,6 +144,34 @@ def test_add_modify_delete_then_rerun_matches_folder(tmp_path, tiny_encoder):
     assert index.store.count() == 10  # and its old vector deleted
 
 
+def test_thumbnails_are_stored_at_index_time_and_follow_their_files(tmp_path, tiny_encoder):
+    import io
+
+    from mocoretrieval.data import load_image
+    from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
+
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    index = ImageIndex.build(root, model=tiny_encoder, workers=WORKERS)
+    paths = _images(root)
+    thumbs = index.store.thumbnails(paths)
+    assert sorted(thumbs) == paths
+    for rel, stored in thumbs.items():
+        st = os.stat(root / rel)
+        assert stored.stat == (st.st_size, st.st_mtime_ns)
+        expected = load_image(root / rel, tiny_encoder.resize_size)  # as decoded for the model
+        expected.thumbnail((DEFAULT_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE))
+        with Image.open(io.BytesIO(stored.jpeg)) as img:
+            assert img.format == "JPEG" and img.size == expected.size
+
+    (root / "img_0001.png").unlink()
+    index.update(workers=WORKERS)
+    assert sorted(index.store.thumbnails(paths)) == [p for p in paths if p != "img_0001.png"]
+    count = index.store._db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
+    assert count == len(paths) - 1  # the removed file's thumbnail went with it
+    index.close()
+
+
 def test_broken_files_are_skipped_with_reasons_and_not_retried(tmp_path, tiny_encoder, monkeypatch):
     root = tmp_path / "photos"
     make_images(root, 4)

@@ -105,3 +105,62 @@ def test_readonly_store_reads(tmp_path):
     ro = Store(tmp_path / "index.db", DIM, readonly=True)
     assert list(ro.files()) == ["a.jpg"] and ro.count() == 1
     ro.close()
+
+
+# --- thumbnails ---------------------------------------------------------------------------
+
+
+def _thumb_count(store: Store) -> int:
+    return store._db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
+
+
+def test_thumbnails_follow_their_file(store):
+    store.add_batch(
+        ["a.jpg", "b.jpg", "c.jpg"],
+        _vectors(3),
+        [FileStat(1, 1), FileStat(2, 2), FileStat(3, 3)],
+        thumbnails=[b"A", None, b"C"],
+    )
+    got = store.thumbnails(["a.jpg", "b.jpg", "c.jpg", "nope.jpg"])
+    assert got == {
+        "a.jpg": (FileStat(1, 1), b"A"),
+        "c.jpg": (FileStat(3, 3), b"C"),
+    }
+    # Re-embedding without a thumbnail drops the old one; skipping or removing drops it too.
+    store.add_batch(["a.jpg"], _vectors(1, 1), [FileStat(4, 4)])
+    store.add_batch([], _vectors(0), [], skipped=[("c.jpg", "truncated", FileStat(5, 5))])
+    assert store.thumbnails(["a.jpg", "c.jpg"]) == {}
+    store.add_batch(["b.jpg"], _vectors(1, 2), [FileStat(6, 6)], thumbnails=[b"B2"])
+    assert store.thumbnails(["b.jpg"])["b.jpg"].jpeg == b"B2"
+    store.remove(["b.jpg"])
+    assert store.thumbnails(["b.jpg"]) == {} and _thumb_count(store) == 0
+    store.add_batch(["d.jpg"], _vectors(1, 3), [FileStat(7, 7)], thumbnails=[b"D"])
+    store.clear()
+    assert _thumb_count(store) == 0
+
+
+def test_thumbnails_commit_with_their_batch_or_not_at_all(store):
+    bad_stat = FileStat(object(), 1)
+    with pytest.raises(sqlite3.Error):
+        store.add_batch(
+            ["a.jpg", "b.jpg"], _vectors(2), [FileStat(1, 1), bad_stat], thumbnails=[b"A", b"B"]
+        )
+    assert _thumb_count(store) == 0
+    with pytest.raises(ValueError, match="thumbnails"):
+        store.add_batch(["a.jpg"], _vectors(1), [FileStat(1, 1)], thumbnails=[b"A", b"B"])
+
+
+def test_a_database_from_before_thumbnails_still_opens(tmp_path):
+    path = tmp_path / "index.db"
+    s = Store(path, DIM)
+    s.add_batch(["a.jpg"], _vectors(1), [FileStat(1, 1)])
+    s._db.execute("DROP TABLE thumbnails")  # as an index built before thumbnails has it
+    s.close()
+    ro = Store(path, DIM, readonly=True)
+    assert ro.count() == 1 and ro.thumbnails(["a.jpg"]) == {}
+    ro.close()
+    rw = Store(path, DIM)  # a writable open adds the table and keeps the rest
+    assert rw.count() == 1 and rw.thumbnails(["a.jpg"]) == {}
+    rw.add_batch(["b.jpg"], _vectors(1, 1), [FileStat(2, 2)], thumbnails=[b"B"])
+    assert rw.thumbnails(["a.jpg", "b.jpg"]) == {"b.jpg": (FileStat(2, 2), b"B")}
+    rw.close()
