@@ -9,10 +9,11 @@ on the server and shown as one line.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,11 +24,14 @@ from PIL import Image
 
 from mocoretrieval.data import load_image
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
+from mocoretrieval.store import StoredThumbnail
 
 logger = logging.getLogger(__name__)
 
 # Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 320 px JPEG ~20 kB,
-# and a gallery cell (about 170 px wide) is smaller than that anyway.
+# and a gallery cell (about 170 px wide) is smaller than that anyway. The index stores one per
+# file, made at indexing time (mocoretrieval.embed.DEFAULT_THUMBNAIL_SIZE, the same side); files
+# without one (an index built before them) are decoded here.
 THUMB_SIDE = 320
 THUMB_THREADS = 4
 THUMB_CACHE = 256  # thumbnails kept in memory: 256 x 320x240 RGB is about 60 MB at most
@@ -130,6 +134,34 @@ def _decode_thumbnail(path: str, side: int) -> Image.Image:
     return image
 
 
+def stored_thumbnails(index: Any, rels: Sequence[str]) -> dict[str, StoredThumbnail]:
+    """The thumbnails the index stored for ``rels`` (relative paths); {} when it has none."""
+    lookup = getattr(getattr(index, "store", None), "thumbnails", None)
+    if lookup is None or not rels:
+        return {}
+    try:
+        return lookup(rels)
+    except Exception:  # a thumbnail is never worth failing a search for
+        logger.exception("reading stored thumbnails failed; decoding the files instead")
+        return {}
+
+
+def _open_stored(real: Path, stored: StoredThumbnail | None) -> Image.Image | None:
+    """The stored thumbnail as an image, if it was made from the file as it is now."""
+    if stored is None:
+        return None
+    try:
+        st = real.stat()
+        if (st.st_size, st.st_mtime_ns) != tuple(stored.stat):
+            return None  # edited since indexing: the stored one shows the old content
+        image = Image.open(io.BytesIO(stored.jpeg))
+        image.load()
+        return image
+    except Exception as e:  # noqa: BLE001 - decode the file instead
+        logger.debug("%s: stored thumbnail unusable: %s", real, e)
+        return None
+
+
 def clear_thumbnail_cache() -> None:
     """Forgets the thumbnails kept in memory (benchmarks time cold decoding with it)."""
     _cached_thumbnail.cache_clear()
@@ -178,21 +210,20 @@ def parse_caption(caption: str) -> tuple[str, float]:
 
 
 def gallery_items(
-    root: str | Path, results: Sequence[Any]
+    root: str | Path, results: Sequence[Any], index: Any = None
 ) -> tuple[list[GalleryItem], list[str], int]:
     """Thumbnails and captions for search results, skipping what cannot be shown safely.
 
     Args:
         root: the indexed root.
         results: objects with ``.path`` (relative to the root, or absolute) and ``.score``.
+        index: the index whose stored thumbnails to show; None decodes every file.
 
     Returns:
         (items, their relative paths, how many results were left out).
     """
     rels = [relative_path(root, r.path) for r in results]
-    # Pillow releases the GIL while decoding, so the thumbnails are made in parallel threads.
-    with ThreadPoolExecutor(max_workers=THUMB_THREADS) as pool:
-        thumbs = list(pool.map(lambda rel: _safe_thumbnail(root, rel), rels))
+    thumbs = safe_thumbnails(root, rels, stored_thumbnails(index, rels))
     items, paths = [], []
     for rel, r, thumb in zip(rels, results, thumbs):
         if thumb is not None:
@@ -201,10 +232,28 @@ def gallery_items(
     return items, paths, len(rels) - len(items)
 
 
-def _safe_thumbnail(root: str | Path, rel: str) -> Image.Image | None:
-    """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable."""
+def safe_thumbnails(
+    root: str | Path, rels: Sequence[str], stored: Mapping[str, StoredThumbnail]
+) -> list[Image.Image | None]:
+    """:func:`_safe_thumbnail` of each of ``rels``, files to decode in parallel threads."""
+    if len(rels) <= 1 or all(rel in stored for rel in rels):  # no decoding: threads cost more
+        return [_safe_thumbnail(root, rel, stored.get(rel)) for rel in rels]
+    # Pillow releases the GIL while decoding, so the thumbnails are made in parallel threads.
+    with ThreadPoolExecutor(max_workers=THUMB_THREADS) as pool:
+        return list(pool.map(lambda rel: _safe_thumbnail(root, rel, stored.get(rel)), rels))
+
+
+def _safe_thumbnail(
+    root: str | Path, rel: str, stored: StoredThumbnail | None = None
+) -> Image.Image | None:
+    """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable.
+
+    The stored thumbnail is shown only after the file passed the same checks as a decoded one
+    (inside the root, a regular file) and only if the file is unchanged since it was made.
+    """
     try:
-        return thumbnail(resolve_in_root(root, rel))
+        real = resolve_in_root(root, rel)
+        return _open_stored(real, stored) or thumbnail(real)
     except PathOutsideRootError as e:
         logger.warning("%s", e)
     except ImageError as e:
@@ -227,7 +276,7 @@ def _search(index: Any, query: Any, k: Any) -> SearchOutcome:
             f"`mocoretrieval index {_root(index)}`, then search again."
         )
     results = index.search(query, k=clamp_k(k))
-    items, paths, left_out = gallery_items(_root(index), results)
+    items, paths, left_out = gallery_items(_root(index), results, index)
     if not items:
         msg = "**No results.**"
         if left_out:
@@ -276,11 +325,7 @@ def search_indexed(index: Any, rel: str, k: Any) -> SearchOutcome:
 
 def query_thumbnail(index: Any, rel: str) -> Image.Image | None:
     """A thumbnail of an indexed image to show as the query, or None if it cannot be shown."""
-    try:
-        return thumbnail(resolve_in_root(_root(index), rel))
-    except MoCoRetrievalError as e:
-        logger.info("no query thumbnail: %s", e)
-        return None
+    return safe_thumbnails(_root(index), [rel], stored_thumbnails(index, [rel]))[0]
 
 
 # --- index summary, near-duplicates, examples ----------------------------------------------
@@ -373,14 +418,9 @@ def group_items(
     """Thumbnails of the group picked by its dropdown ``label`` (empty if none is picked)."""
     if label not in labels:
         return []
-    group = view_groups[list(labels).index(label)]
-    items = []
-    for rel in group:
-        try:
-            items.append((thumbnail(resolve_in_root(_root(index), rel)), rel))
-        except MoCoRetrievalError as e:
-            logger.info("not shown: %s", e)
-    return items
+    group = list(view_groups[list(labels).index(label)])
+    thumbs = safe_thumbnails(_root(index), group, stored_thumbnails(index, group))
+    return [(thumb, rel) for thumb, rel in zip(thumbs, group) if thumb is not None]
 
 
 def example_items(index: Any, n: int) -> list[GalleryItem]:
@@ -394,11 +434,11 @@ def example_items(index: Any, n: int) -> list[GalleryItem]:
     step = max(1, len(paths) // max(1, n))
     spread = paths[::step] + [p for i, p in enumerate(paths) if i % step]  # then fill the gaps
     items: list[GalleryItem] = []
+    stored = stored_thumbnails(index, spread[: 2 * n])  # more only if many cannot be shown
     for rel in spread:
         if len(items) == n:
             break
-        try:
-            items.append((thumbnail(resolve_in_root(_root(index), rel)), rel))
-        except MoCoRetrievalError as e:
-            logger.info("example not shown: %s", e)
+        thumb = _safe_thumbnail(_root(index), rel, stored.get(rel))
+        if thumb is not None:
+            items.append((thumb, rel))
     return items

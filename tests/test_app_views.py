@@ -3,6 +3,7 @@ summary, near-duplicates and examples."""
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import pytest
@@ -221,3 +222,72 @@ def test_thumbnails_are_cached_until_the_file_changes(tmp_path):
     second = views.thumbnail(path)
     assert second is not first and second.size == (60, 30)
     assert second.getpixel((0, 0)) == (0, 0, 255)
+
+
+# --- thumbnails stored at indexing time -------------------------------------------------------
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The files `views` decodes for thumbnails (the fallback), in call order."""
+    calls: list[str] = []
+    original = views._decode_thumbnail
+
+    def spy(path: str, side: int) -> Image.Image:
+        calls.append(path)
+        return original(path, side)
+
+    monkeypatch.setattr(views, "_decode_thumbnail", spy)
+    views.clear_thumbnail_cache()
+    yield calls
+    views.clear_thumbnail_cache()
+
+
+def test_results_come_from_stored_thumbnails(photo_index, decoded):
+    query = photo_index.root / "img_0003.png"
+    out = views.search_upload(photo_index, query, k=8)
+    assert out.paths == shown_paths(photo_index, photo_index.search(query, k=8))
+    assert decoded == []  # nothing decoded from the files
+    stored = photo_index.store.thumbnails(out.paths)
+    for (image, _), path in zip(out.items, out.paths):
+        with Image.open(io.BytesIO(stored[path].jpeg)) as jpeg:
+            assert image.size == jpeg.size and image.tobytes() == jpeg.convert("RGB").tobytes()
+    # Examples, the query view and duplicate groups are served from the store too.
+    assert len(views.example_items(photo_index, 4)) == 4
+    assert views.query_thumbnail(photo_index, "sub/img_0001.png") is not None
+    assert decoded == []
+
+
+def test_stored_thumbnail_of_a_symlink_out_of_the_root_is_never_shown(photo_index, decoded):
+    assert "link_out.png" in photo_index.store.thumbnails(["link_out.png"])  # it was indexed
+    assert views.query_thumbnail(photo_index, "link_out.png") is None
+    _, paths, left_out = views.gallery_items(
+        photo_index.root, photo_index.search(photo_index.root / "link_out.png", k=3), photo_index
+    )
+    assert "link_out.png" not in paths and left_out == 1 and decoded == []
+
+
+def test_an_index_without_stored_thumbnails_decodes_the_files(tmp_path, decoded):
+    from mocoretrieval.index import ImageIndex
+
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    encoder = make_tiny_encoder()
+    with ImageIndex.build(root, model=encoder, workers=0) as index:
+        index.store._db.execute("DROP TABLE thumbnails")  # as an index built before them
+    with ImageIndex.open(root, model=encoder) as index:
+        out = views.search_upload(index, root / "img_0000.jpg", k=6)
+        assert len(out.items) == 6 and out.message == ""
+        assert sorted(decoded) == sorted(str((root / p).resolve()) for p in out.paths)
+
+
+def test_a_file_edited_since_indexing_is_decoded_not_shown_stale(tmp_path, decoded):
+    from mocoretrieval.index import ImageIndex
+
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    with ImageIndex.build(root, model=make_tiny_encoder(), workers=0) as index:
+        Image.new("RGB", (50, 20), (0, 0, 255)).save(root / "img_0001.png")  # not re-indexed
+        image = views.query_thumbnail(index, "img_0001.png")
+        assert image.size == (50, 20) and image.getpixel((0, 0)) == (0, 0, 255)
+        assert decoded == [str((root / "img_0001.png").resolve())]
