@@ -31,6 +31,7 @@ import copy
 import datetime as dt
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -103,11 +104,18 @@ def run_model_only(encoder: MoCoEncoder, n: int, batch_size: int) -> None:
             encoder.embed(x[:size])
 
 
-def run_pipeline(encoder: MoCoEncoder, folder: Path, rel: list[str], args) -> None:
+def run_pipeline(
+    encoder: MoCoEncoder, folder: Path, rel: list[str], args, batch_size: int | None = None
+) -> None:
     done = sum(
         len(b.paths)
         for b in iter_embeddings(
-            encoder, folder, rel, batch_size=args.batch_size, workers=args.workers, device="cpu"
+            encoder,
+            folder,
+            rel,
+            batch_size=batch_size or args.batch_size,
+            workers=args.workers,
+            device="cpu",
         )
     )
     if done != len(rel):
@@ -139,8 +147,19 @@ def run_naive(encoder: MoCoEncoder, folder: Path, rel: list[str], batch_size: in
 
 
 def run_cli(
-    model_dir: Path, folder: Path, rel: list[str], args, backend: str | None = None
-) -> None:
+    model_dir: Path,
+    folder: Path,
+    rel: list[str],
+    args,
+    backend: str | None = None,
+    batch_size: int | None = None,
+) -> float:
+    """Run `mocoretrieval index` on a fresh index; return the seconds its own summary reports.
+
+    The summary times ``ImageIndex.update`` (walk, decode, embed, FAISS write): the command's
+    steady state. Wall time minus that is the fixed cost of a run: interpreter start, imports,
+    model loading, index creation.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         for r in rel:  # a folder of exactly these files, as links (walk_images lists links)
@@ -149,13 +168,19 @@ def run_cli(
         cmd = [
             sys.executable, "-m", "mocoretrieval", "index", str(photos), "--index",
             str(Path(tmp) / "index"), "--model", str(model_dir), "--batch-size",
-            str(args.batch_size), "--device", "cpu", "--quiet",
+            str(batch_size or args.batch_size), "--device", "cpu", "--quiet",
         ]  # fmt: skip
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
         if backend is not None:
             cmd += ["--backend", backend]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = subprocess.run(
+            cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        ).stdout
+    m = re.search(r"added (\d+),.* in ([\d.]+) s \(", out)
+    if m is None or int(m.group(1)) != len(rel):
+        raise RuntimeError(f"unexpected summary from `mocoretrieval index`: {out!r}")
+    return float(m.group(2))
 
 
 def index_options() -> set[str]:
@@ -180,10 +205,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--compare-batch",
+        type=int,
+        help="also time model-only, iter_embeddings and the --cli rows at this batch size",
+    )
+    p.add_argument(
+        "--cli-backends",
+        default="torch,default",
+        help="with --cli: comma-separated backends to time (torch, default)",
+    )
     p.add_argument("--workers", type=int, default=None, help="default: iter_embeddings' choice")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cli", action="store_true", help="also time `mocoretrieval index`")
     p.add_argument("--naive-1", action="store_true", help="also time the 1-by-1 naive loop (slow)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="a method not to time, e.g. 'naive batched'; repeatable (model-only and "
+        "iter_embeddings always run: the ratios are taken against them)",
+    )
     p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     args = p.parse_args(argv)
 
@@ -195,12 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
     naive_encoder = copy.deepcopy(encoder)  # stays in the default (NCHW) layout
-    methods: dict[str, Callable[[], None]] = {
+    methods: dict[str, Callable[[], float | None]] = {
         "model-only": lambda: run_model_only(encoder, n, args.batch_size),
         "iter_embeddings": lambda: run_pipeline(encoder, args.folder, rel, args),
         "naive batched": lambda: run_naive(naive_encoder, args.folder, rel, args.batch_size),
         "decoding only": lambda: run_pipeline(NullEncoder(encoder), args.folder, rel, args),
     }
+    b2 = args.compare_batch
+    if b2:
+        methods[f"model-only, batch {b2}"] = lambda: run_model_only(encoder, n, b2)
+        methods[f"iter_embeddings, batch {b2}"] = lambda: run_pipeline(
+            encoder, args.folder, rel, args, b2
+        )
     if args.naive_1:
         methods["naive 1-by-1"] = lambda: run_naive(naive_encoder, args.folder, rel, 1)
     model_dir = None
@@ -210,32 +259,55 @@ def main(argv: list[str] | None = None) -> int:
             p.error("`mocoretrieval index` does not exist yet; run without --cli")
         model_dir = Path(tempfile.mkdtemp())
         encoder.save_pretrained(model_dir)
+        backends = args.cli_backends.split(",")
         if "--backend" in options:  # the same torch model as the rows above, then the default
-            methods["cli index, torch"] = lambda: run_cli(
-                model_dir, args.folder, rel, args, "torch"
-            )
-            methods["cli index, default"] = lambda: run_cli(model_dir, args.folder, rel, args)
-            # The default backend exports the model once (cached by weights hash): not timed.
-            run_cli(model_dir, args.folder, rel[:1], args)
+            if "torch" in backends:
+                methods["cli index, torch"] = lambda: run_cli(
+                    model_dir, args.folder, rel, args, "torch"
+                )
+                if b2:
+                    methods[f"cli index, torch, batch {b2}"] = lambda: run_cli(
+                        model_dir, args.folder, rel, args, "torch", b2
+                    )
+            if "default" in backends:
+                methods["cli index, default"] = lambda: run_cli(model_dir, args.folder, rel, args)
+                if b2:
+                    methods[f"cli index, default, batch {b2}"] = lambda: run_cli(
+                        model_dir, args.folder, rel, args, None, b2
+                    )
+                # The default backend exports the model once (cached by weights hash): untimed.
+                run_cli(model_dir, args.folder, rel[:1], args)
         else:
             methods["cli index"] = lambda: run_cli(model_dir, args.folder, rel, args)
 
+    for name in args.skip:
+        if name in ("model-only", "iter_embeddings") or name not in methods:
+            p.error(f"--skip: cannot skip {name!r}; methods: {', '.join(methods)}")
+        del methods[name]
+
     # Warm-up: oneDNN picks its kernels on the first call of each shape and layout.
     run_model_only(encoder, args.batch_size, args.batch_size)
+    if b2:
+        run_model_only(encoder, b2, b2)
     with torch.no_grad():
         naive_encoder(torch.randn(2, 3, encoder.input_size, encoder.input_size))
 
     walls: dict[str, list[float]] = {name: [] for name in methods}
     cpus: dict[str, list[float]] = {name: [] for name in methods}
+    summary: dict[str, list[float]] = {}  # a CLI's own timing of its update, per round
     for r in range(args.rounds):
         for name, fn in methods.items():
             c, t = cpu_seconds(), time.perf_counter()
-            fn()
+            inner = fn()
             walls[name].append(time.perf_counter() - t)
             cpus[name].append(cpu_seconds() - c)
+            extra = ""
+            if inner is not None:
+                summary.setdefault(name, []).append(inner)
+                extra = f"  (summary {n / inner:.2f} img/s, fixed {walls[name][-1] - inner:.1f} s)"
             print(
                 f"round {r + 1}: {name:16s} {n / walls[name][-1]:6.2f} img/s  "
-                f"{1e3 * cpus[name][-1] / n:7.1f} CPU ms/img"
+                f"{1e3 * cpus[name][-1] / n:7.1f} CPU ms/img{extra}"
             )
     if model_dir is not None:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -245,17 +317,23 @@ def main(argv: list[str] | None = None) -> int:
         # apart share the load of the moment, which the best rounds of each may not.
         return statistics.median(wb / wa for wa, wb in zip(walls[a], walls[b], strict=True))
 
+    fixed = {name: statistics.median(w - s for w, s in zip(walls[name], v)) for name, v in
+             summary.items()}  # fmt: skip
+    for name, v in summary.items():  # the steady state of a CLI run: its summary's timing
+        walls[f"{name}, summary"] = v
     cpu_ms = {name: 1e3 * min(v) / n for name, v in cpus.items()}
     head = (
         "| method | images/s (best round) | × model-only | iter_embeddings × this "
         "| CPU ms/image | CPU × model-only |"
     )
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name in methods:
+    for name, wall in walls.items():
+        cpu_cols = "— | —"  # a summary's timing has no CPU time of its own
+        if name in cpu_ms:
+            cpu_cols = f"{cpu_ms[name]:.0f} | {cpu_ms[name] / cpu_ms['model-only']:.2f}"
         lines.append(
-            f"| {name} | {n / min(walls[name]):.2f} | {paired(name, 'model-only'):.2f} | "
-            f"{paired('iter_embeddings', name):.2f} | {cpu_ms[name]:.0f} | "
-            f"{cpu_ms[name] / cpu_ms['model-only']:.2f} |"
+            f"| {name} | {n / min(wall):.2f} | {paired(name, 'model-only'):.2f} | "
+            f"{paired('iter_embeddings', name):.2f} | {cpu_cols} |"
         )
     cpu = platform.processor() or platform.machine()
     try:
@@ -274,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         f"run, {os.getloadavg()[0]:.2f} after; {args.rounds} interleaved rounds (ratios: median of "
         f"per-round ratios; CPU: least per method)."
     )
+    if fixed:
+        header += (
+            " Fixed cost per CLI run (wall minus its summary's time, median): "
+            + ", ".join(f"{name} {s:.1f} s" for name, s in fixed.items())
+            + "."
+        )
     table = "\n".join(lines)
     print()
     print(header)
