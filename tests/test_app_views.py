@@ -10,7 +10,7 @@ import pytest
 from app_helpers import build_photo_index, make_images, make_tiny_encoder, shown_paths
 from PIL import Image
 
-from app import views
+from app import thumbnails, views
 from mocoretrieval.errors import ImageError
 
 
@@ -231,13 +231,13 @@ def test_thumbnails_are_cached_until_the_file_changes(tmp_path):
 def decoded(monkeypatch):
     """The files `views` decodes for thumbnails (the fallback), in call order."""
     calls: list[str] = []
-    original = views._decode_thumbnail
+    original = thumbnails._decode_thumbnail
 
     def spy(path: str, side: int) -> Image.Image:
         calls.append(path)
         return original(path, side)
 
-    monkeypatch.setattr(views, "_decode_thumbnail", spy)
+    monkeypatch.setattr(thumbnails, "_decode_thumbnail", spy)
     views.clear_thumbnail_cache()
     yield calls
     views.clear_thumbnail_cache()
