@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 # few workers keep a CPU model fed; more would only take cores from it.
 MAX_AUTO_WORKERS = 4
 MIN_FILES_FOR_WORKERS = 8
-# The app's gallery thumbnails (app.views.THUMB_SIDE): made while the image is decoded anyway.
+# The app's gallery thumbnails (app.thumbnails.THUMB_SIDE): made while the image is decoded.
 DEFAULT_THUMBNAIL_SIZE = 320
 
 

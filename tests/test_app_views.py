@@ -291,3 +291,9 @@ def test_a_file_edited_since_indexing_is_decoded_not_shown_stale(tmp_path, decod
         image = views.query_thumbnail(index, "img_0001.png")
         assert image.size == (50, 20) and image.getpixel((0, 0)) == (0, 0, 255)
         assert decoded == [str((root / "img_0001.png").resolve())]
+
+
+def test_the_index_stores_thumbnails_of_the_size_the_page_shows():
+    from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
+
+    assert DEFAULT_THUMBNAIL_SIZE == views.THUMB_SIDE
