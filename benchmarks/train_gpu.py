@@ -33,20 +33,20 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.augment import BatchAugment  # noqa: E402
-from training.config import preset  # noqa: E402
-from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist  # noqa: E402
-from training.loaders import DataOptions  # noqa: E402
-from training.moco import build_moco  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.pretrain import RunOptions, train  # noqa: E402
+from training.augment import BatchAugment
+from training.config import preset
+from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from training.loaders import DataOptions
+from training.moco import build_moco
+from training.optim import build_optimizer
+from training.pretrain import RunOptions, train
 
 
 def recipe(version: str, batch: int, epochs: int):
     """The preset of ``version`` for 32-px Fashion-MNIST. v2 takes the small-image settings of
     the MoCo CIFAR-10 demo (K=4096, m=0.99, T=0.1, wd 5e-4, 8 BN groups); v3 keeps its recipe
     with the warmup cut to a tenth of the run, as in its 100-epoch ResNet setting."""
-    common = dict(input_size=32, batch_size=batch, epochs=epochs)
+    common = {"input_size": 32, "batch_size": batch, "epochs": epochs}
     if version == "v2":
         return preset(
             "v2",

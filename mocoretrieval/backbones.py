@@ -14,8 +14,8 @@ from torch import nn
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 # MoCo v3 (vits.py): ViT-S uses 12 heads, not the 6 of timm's default vit_small.
 VITS = {
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=12),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 12},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
 ARCHS = tuple(RESNETS) + tuple(VITS)
 

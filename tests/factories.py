@@ -15,7 +15,7 @@ def make_tiny_encoder(arch: str = "resnet18", **kwargs):
     """A small-input encoder with random weights: fast enough to embed hundreds of images."""
     from mocoretrieval import MoCoEncoder
 
-    defaults = dict(input_size=32, resize_size=36, small_stem=arch.startswith("resnet"))
+    defaults = {"input_size": 32, "resize_size": 36, "small_stem": arch.startswith("resnet")}
     defaults.update(kwargs)
     return MoCoEncoder(arch=arch, **defaults)
 

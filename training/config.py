@@ -134,15 +134,15 @@ class PretrainConfig:
         """The projection head as :func:`mocoretrieval.heads.build_mlp` keyword arguments."""
         hidden = self.mlp_dim or feature_dim
         if self.head_bn:  # [v3] builder._build_mlp: Linear(bias=False), BN, ReLU; last BN
-            return dict(
-                num_layers=self.proj_layers,
-                hidden_dim=hidden,
-                out_dim=self.dim,
-                batch_norm=True,
-                last_bn=True,
-                bias=False,
-            )
-        return dict(num_layers=self.proj_layers, hidden_dim=hidden, out_dim=self.dim)
+            return {
+                "num_layers": self.proj_layers,
+                "hidden_dim": hidden,
+                "out_dim": self.dim,
+                "batch_norm": True,
+                "last_bn": True,
+                "bias": False,
+            }
+        return {"num_layers": self.proj_layers, "hidden_dim": hidden, "out_dim": self.dim}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,69 +167,69 @@ def preset(version: str, arch: str = "resnet50", **overrides: Any) -> PretrainCo
         raise ConfigError(f"version must be one of {VERSIONS}, got {version!r}")
     vit = arch in VITS
     if version == "v1":
-        base: dict[str, Any] = dict(
-            dim=128,
-            proj_layers=1,
-            queue_size=65536,
-            m=0.999,
-            T=0.07,
-            epochs=200,
-            batch_size=256,
-            optimizer="sgd",
-            lr=0.03,
-            weight_decay=1e-4,
-            lr_schedule="step",
-            jitter=(0.4, 0.4, 0.4, 0.4),
-            jitter_p=1.0,
-            blur_p=(0.0, 0.0),
-        )
+        base: dict[str, Any] = {
+            "dim": 128,
+            "proj_layers": 1,
+            "queue_size": 65536,
+            "m": 0.999,
+            "T": 0.07,
+            "epochs": 200,
+            "batch_size": 256,
+            "optimizer": "sgd",
+            "lr": 0.03,
+            "weight_decay": 1e-4,
+            "lr_schedule": "step",
+            "jitter": (0.4, 0.4, 0.4, 0.4),
+            "jitter_p": 1.0,
+            "blur_p": (0.0, 0.0),
+        }
     elif version == "v2":
-        base = dict(
-            dim=128,
-            proj_layers=2,
-            queue_size=65536,
-            m=0.999,
-            T=0.2,
-            epochs=200,
-            batch_size=256,
-            optimizer="sgd",
-            lr=0.03,
-            weight_decay=1e-4,
-            lr_schedule="cosine",
-            jitter=(0.4, 0.4, 0.4, 0.1),
-            jitter_p=0.8,
-            blur_p=(0.5, 0.5),
-        )
+        base = {
+            "dim": 128,
+            "proj_layers": 2,
+            "queue_size": 65536,
+            "m": 0.999,
+            "T": 0.2,
+            "epochs": 200,
+            "batch_size": 256,
+            "optimizer": "sgd",
+            "lr": 0.03,
+            "weight_decay": 1e-4,
+            "lr_schedule": "cosine",
+            "jitter": (0.4, 0.4, 0.4, 0.1),
+            "jitter_p": 0.8,
+            "blur_p": (0.5, 0.5),
+        }
     else:
-        base = dict(
-            dim=256,
-            mlp_dim=4096,
-            proj_layers=3 if vit else 2,
-            head_bn=True,
-            pred_layers=2,
-            pred_last_bn=vit,
-            queue_size=0,
-            m=0.99,
-            m_cos=True,
-            T=0.2 if vit else 1.0,
-            shuffle_bn_groups=1,
-            sync_bn=True,
-            zero_init_residual=not vit,
-            epochs=300 if vit else 100,
-            batch_size=4096,
-            optimizer="adamw" if vit else "lars",
-            lr=1.5e-4 if vit else 0.6,
-            weight_decay=0.1 if vit else 1e-6,
-            lr_schedule="cosine",
-            warmup_epochs=40 if vit else 10,
-            schedule_per_step=True,
-            stop_grad_conv1=vit,
-            crop_min=0.08 if vit else 0.2,
-            jitter=(0.4, 0.4, 0.2, 0.1),
-            jitter_p=0.8,
-            blur_p=(1.0, 0.1),
-            solarize_p=(0.0, 0.2),
-        )
+        base = {
+            "dim": 256,
+            "mlp_dim": 4096,
+            "proj_layers": 3 if vit else 2,
+            "head_bn": True,
+            "pred_layers": 2,
+            "pred_last_bn": vit,
+            "queue_size": 0,
+            "m": 0.99,
+            "m_cos": True,
+            "T": 0.2 if vit else 1.0,
+            "shuffle_bn_groups": 1,
+            "sync_bn": True,
+            "zero_init_residual": not vit,
+            "epochs": 300 if vit else 100,
+            "batch_size": 4096,
+            "optimizer": "adamw" if vit else "lars",
+            "lr": 1.5e-4 if vit else 0.6,
+            "weight_decay": 0.1 if vit else 1e-6,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 40 if vit else 10,
+            "schedule_per_step": True,
+            "stop_grad_conv1": vit,
+            "crop_min": 0.08 if vit else 0.2,
+            "jitter": (0.4, 0.4, 0.2, 0.1),
+            "jitter_p": 0.8,
+            "blur_p": (1.0, 0.1),
+            "solarize_p": (0.0, 0.2),
+        }
     base.update(version=version, arch=arch)
     size = overrides.get("input_size", 224)
     if not vit and "small_stem" not in overrides:

@@ -22,9 +22,12 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
     ) -> None:
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient
-        )
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "trust_coefficient": trust_coefficient,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -245,16 +245,16 @@ def train(
                     raise MoCoRetrievalError(f"loss is {value} at step {step}; lower the lr")
         epoch_loss = float(dist.all_reduce_mean(loss_sum)) / steps
         elapsed = time.perf_counter() - t0
-        record: dict[str, Any] = dict(
-            event="epoch",
-            epoch=epoch,
-            step=step,
-            loss=epoch_loss,
-            lr=lr,
-            m=m,
-            images_per_s=steps * cfg.batch_size / elapsed,
-            seconds=elapsed,
-        )
+        record: dict[str, Any] = {
+            "event": "epoch",
+            "epoch": epoch,
+            "step": step,
+            "loss": epoch_loss,
+            "lr": lr,
+            "m": m,
+            "images_per_s": steps * cfg.batch_size / elapsed,
+            "seconds": elapsed,
+        }
         if knn_sets is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
             acc = evaluate_knn(moco.base_encoder.backbone, knn_sets, cfg, device)
             knn_history.append({"epoch": epoch + 1, "knn_acc": acc})

@@ -12,7 +12,14 @@ from training.moco import MoCo, SplitBatchNorm2d, build_moco, project, use_split
 
 
 def _tiny(version="v2", **kw):
-    args = dict(input_size=8, dim=8, mlp_dim=16, batch_size=8, queue_size=32, shuffle_bn_groups=2)
+    args = {
+        "input_size": 8,
+        "dim": 8,
+        "mlp_dim": 16,
+        "batch_size": 8,
+        "queue_size": 32,
+        "shuffle_bn_groups": 2,
+    }
     if version == "v3":
         args.pop("queue_size"), args.pop("shuffle_bn_groups")
     args.update(kw)
