@@ -187,9 +187,9 @@ def index_options() -> set[str]:
     """The options `mocoretrieval index` takes; empty when the command does not exist."""
     from mocoretrieval.cli import build_parser
 
-    for action in build_parser()._subparsers._group_actions:  # noqa: SLF001 - argparse API
+    for action in build_parser()._subparsers._group_actions:
         if "index" in getattr(action, "choices", {}):
-            return set(action.choices["index"]._option_string_actions)  # noqa: SLF001
+            return set(action.choices["index"]._option_string_actions)
     return set()
 
 
