@@ -154,10 +154,13 @@ def test_resolve_device():
             resolve_device("mps")
 
 
-def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder):
+def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder, monkeypatch):
     assert auto_workers(3) == 0
-    assert 1 <= auto_workers(100) <= 4
-    assert auto_workers(100, "cuda") >= 1
+    monkeypatch.setattr("mocoretrieval.embed.available_cpus", lambda: 8)
+    assert auto_workers(100) == 4  # CPU: capped, the model needs the cores
+    assert auto_workers(100, "cuda") == 7  # GPU: every core but the one feeding it
+    monkeypatch.setattr("mocoretrieval.embed.available_cpus", lambda: 1)
+    assert auto_workers(100) == 1 and auto_workers(100, "cuda") == 1
     with pytest.raises(MoCoRetrievalError, match="batch_size"):  # at the call, not at next()
         iter_embeddings(tiny_encoder, image_folder, ["a.jpg"], batch_size=0)
     with pytest.raises(MoCoRetrievalError, match="workers"):
