@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results import append_section
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 WALLPAPERS = Path("/usr/share/wallpapers")
 CHROMIUM_ARGS = [
     "--headless",
@@ -258,16 +258,16 @@ def main() -> None:
         f"than decoded; {load}"
     )
     if not args.no_append:
-        cmd = " ".join(["python benchmarks/app_latency.py", *sys.argv[1:]])
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with open(RESULTS, "a") as f:
-            f.write(
-                f"\n## app_latency, {stamp}\n\n```\n{cmd}\n```\n\n{title}; files are hard "
+        append_section(
+            "app_latency",
+            (
+                f"{title}; files are hard "
                 f"links to real JPEG photos with random vectors (see the script); {load}\n\n"
                 f"{table}\n\nGoal p50 < 500 ms: {verdict}; p90 "
                 f"{np.percentile(e2e, 90) * 1000:.0f} ms. Thumbnails as served: {ratio:.1f}x "
                 "faster than decoded from the files (p50s, same queries).\n"
-            )
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import os
 import platform
 import re
@@ -45,12 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from results import append_section
 
 from mocoretrieval import MoCoEncoder
 from mocoretrieval.data import walk_images
 from mocoretrieval.embed import available_cpus, iter_embeddings
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def pick_jpegs(
@@ -363,15 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     if not args.no_append:
-        command = "python benchmarks/index_throughput.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        with RESULTS.open("a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmark results\n\nMeasured numbers only, newest last.\n")
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            f.write(f"\n## index_throughput, {stamp}\n\n```\n{command.strip()}\n```\n\n")
-            f.write(f"{header}\n\n{table}\n")
+        append_section("index_throughput", f"{header}\n\n{table}\n", argv)
     return 0
 
 

@@ -9,20 +9,17 @@ Prints a table and appends it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results import append_section
 
 from mocoretrieval import MoCoEncoder
 from mocoretrieval.onnx_backend import OnnxEncoder
 from mocoretrieval.onnx_export import export_onnx
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def images_per_s(fn, batch: int, rounds: int) -> float:
@@ -76,11 +73,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_append:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        command = "python benchmarks/model_only.py " + " ".join(sys.argv[1:])
-        with RESULTS.open("a") as f:
-            f.write(f"\n## model_only, {stamp}\n\n```\n{command.strip()}\n```\n\n")
-            f.write("\n".join(lines) + "\n")
+        append_section("model_only", "\n".join(lines))
 
 
 if __name__ == "__main__":

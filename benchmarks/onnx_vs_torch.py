@@ -25,7 +25,6 @@ torch's. Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from index_throughput import cpu_seconds, describe, pick_jpegs
+from results import append_section
 
 from mocoretrieval import MoCoEncoder
 from mocoretrieval.data import walk_images
@@ -45,8 +45,6 @@ from mocoretrieval.embed import available_cpus, iter_embeddings
 from mocoretrieval.index import ImageIndex
 from mocoretrieval.onnx_backend import OnnxEncoder, cached_onnx
 from mocoretrieval.onnx_quantize import sample_evenly
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def link_folder(folder: Path, rel: list[str], dest: Path) -> Path:
@@ -207,15 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{header}\n{table}\n{notes}")
     shutil.rmtree(tmp, ignore_errors=True)
     if not args.no_append:
-        command = "python benchmarks/onnx_vs_torch.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        with RESULTS.open("a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmark results\n\nMeasured numbers only, newest last.\n")
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            f.write(f"\n## onnx_vs_torch, {stamp}\n\n```\n{command.strip()}\n```\n\n")
-            f.write(f"{header}\n\n{table}\n\n{notes}\n")
+        append_section("onnx_vs_torch", f"{header}\n\n{table}\n\n{notes}\n", argv)
     return 0
 
 

@@ -18,20 +18,17 @@ run at dim 512 (the default here), which is stated in the table. Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
+from results import append_section
 
 from mocoretrieval import ann
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def clustered(n: int, dim: int, clusters: int, rng: np.random.Generator, chunk: int = 65536):
@@ -165,15 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     if not args.no_append:
-        command = "python benchmarks/search.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        with RESULTS.open("a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmark results\n\nMeasured numbers only, newest last.\n")
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            f.write(f"\n## search, {stamp}\n\n```\n{command.strip()}\n```\n\n")
-            f.write(f"{header}\n\n{table}\n")
+        append_section("search", f"{header}\n\n{table}\n", argv)
     return 0
 
 
