@@ -134,8 +134,22 @@ class NullEncoder:
         return np.ones((len(batch), 1), dtype=np.float32)
 
 
+def naive_transform(encoder: MoCoEncoder):
+    """The transform as the MoCo repos and most users write it: torchvision, on the full image."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(encoder.resize_size, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(encoder.input_size),
+            T.ToTensor(),
+            T.Normalize(encoder.mean, encoder.std),
+        ]
+    )
+
+
 def run_naive(encoder: MoCoEncoder, folder: Path, rel: list[str], batch_size: int) -> None:
-    tf = encoder.preprocess
+    tf = naive_transform(encoder)
     with torch.no_grad():
         for i in range(0, len(rel), batch_size):
             batch = torch.stack(

@@ -243,7 +243,9 @@ def encode_thumbnail(img: Image.Image, side: int, quality: int = THUMBNAIL_QUALI
     Made from an image already decoded (and reduced) for the model, it costs a few ms, while
     decoding the original again for the app costs up to hundreds of ms for a progressive JPEG.
     """
-    img.thumbnail((side, side))
+    # reducing_gap=1: a box reduction by the largest integer factor first, then bicubic for
+    # the rest; 0.45 ms instead of 2.3 ms from a 640 x 400 draft decode, and alike to the eye.
+    img.thumbnail((side, side), Image.BICUBIC, reducing_gap=1.0)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -271,7 +273,8 @@ class ImageFileDataset(Dataset):
     Args:
         root: the folder ``relpaths`` are relative to.
         relpaths: image paths relative to ``root``.
-        transform: PIL RGB image -> tensor (e.g. ``encoder.preprocess``).
+        transform: PIL RGB image -> tensor or array (e.g. ``encoder.preprocess`` or its
+            ``pixels``).
         min_side: passed to :func:`load_image` (JPEG draft mode); usually the resize size.
         thumbnail_size: the thumbnail's longest side; None makes none. It is made from the image
             as decoded for ``min_side``, so it is smaller when that image is.

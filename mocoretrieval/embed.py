@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from .data import DecodedBatch, ImageFileDataset, collate
 from .errors import MoCoRetrievalError
+from .preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +203,14 @@ def iter_embeddings(
     chunks, chunks_per_batch = plan_chunks(
         len(relpaths), batch_size, max(workers, 1), first_batch=first_batch
     )
+    # With a Preprocess (both backends have one), workers send uint8 crops (a quarter of the
+    # bytes) and the batch is normalised here at once; any other transform runs whole in them.
+    pre = encoder.preprocess
+    split = isinstance(pre, Preprocess)
     dataset = ImageFileDataset(
         root,
         relpaths,
-        encoder.preprocess,
+        pre.pixels if split else pre,
         min_side=encoder.resize_size,
         thumbnail_size=thumbnail_size,
     )
@@ -228,6 +233,7 @@ def iter_embeddings(
         memory_format,
         progress,
         thumbnails=bool(thumbnail_size),
+        normalize=pre.normalize if split else None,
     )
 
 
@@ -240,8 +246,9 @@ def _embed_batches(
     memory_format: torch.memory_format | None,
     progress: Callable[[int], None] | None,
     thumbnails: bool,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> Iterator[EmbeddedBatch]:
-    fmt = memory_format or torch.preserve_format
+    fmt = memory_format or torch.contiguous_format
     dim = int(getattr(encoder, "dim", 0))
     decoded = iter(loader)
     for num_chunks in chunks_per_batch:
@@ -254,6 +261,8 @@ def _embed_batches(
             # Not around the yield: inference mode is thread state and would leak to the caller.
             with torch.inference_mode():
                 batch = images[0] if len(images) == 1 else torch.cat(images)
+                if normalize is not None:
+                    batch = normalize(batch)  # on the device: uint8 travels, floats do not
                 vectors = np.asarray(encoder.embed(batch.to(memory_format=fmt)), dtype=np.float32)
         else:
             vectors = np.zeros((0, dim), dtype=np.float32)

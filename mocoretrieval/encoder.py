@@ -16,6 +16,7 @@ from torch import nn
 
 from .backbones import RESNETS, VITS, build_backbone, feature_dim
 from .heads import build_mlp
+from .preprocess import Preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,18 +158,9 @@ class MoCoEncoder(
         }
 
     @property
-    def preprocess(self):
+    def preprocess(self) -> Preprocess:
         """The evaluation transform: resize short side, centre crop, to tensor, normalise."""
-        from torchvision import transforms as T
-
-        return T.Compose(
-            [
-                T.Resize(self.resize_size, interpolation=T.InterpolationMode.BILINEAR),
-                T.CenterCrop(self.input_size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        return Preprocess(self.resize_size, self.input_size, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, D) embeddings, not yet L2-normalised."""
