@@ -1,4 +1,4 @@
-"""Backbone architectures: torchvision ResNets and timm ViTs in MoCo v3's configuration.
+"""Backbone architectures: ResNets as torchvision's and timm ViTs in MoCo v3's configuration.
 
 Modules only; nothing here touches the filesystem or the Hub.
 """
@@ -47,8 +47,110 @@ def sincos_pos_embed_2d(grid: int, dim: int, temperature: float = 10000.0) -> to
     return torch.cat([torch.zeros(1, dim), emb], dim=0)[None]  # (1, 1+G*G, D)
 
 
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    return nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 convs and a shortcut (He et al., CVPR 2016, Fig. 2)."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c_in, width, 3, stride)
+        self.conv2, self.bn2 = _conv_bn(width, width, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(c_in, width * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1x1, 3x3 (strided: "ResNet v1.5", as torchvision), 1x1 x4, shortcut."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(c_in, width, 1)
+        self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
+        self.conv3, self.bn3 = _conv_bn(width, width * self.expansion, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(c_in, width * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(*_conv_bn(c_in, c_out, 1, stride))  # keys downsample.0 / .1
+
+
+_RESNET_LAYOUT = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet, parameter for parameter (same names, shapes and initialisation).
+
+    Written out here because importing torchvision costs ~1.5 s (its ops pull in
+    torch._dynamo), paid by every `mocoretrieval` command; tests check it against torchvision.
+    ``fc`` is the identity: the output is the pooled (N, C) features.
+    """
+
+    def __init__(self, arch: str, small_stem: bool = False) -> None:
+        super().__init__()
+        block, depths = _RESNET_LAYOUT[arch]
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = (
+            nn.Identity() if small_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        )
+        c_in = 64
+        for i, (width, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(block(c_in, width, stride=2 if i > 0 and j == 0 else 1))
+                c_in = width * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        for m in self.modules():  # torchvision's initialisation
+            # The small stem keeps PyTorch's default init, as the MoCo CIFAR demo, which swaps
+            # it into a torchvision ResNet after construction. On the meta device (a model about
+            # to receive saved weights) there is nothing to initialise, and normal_ there would
+            # import torch._dynamo (~1.5 s).
+            if not isinstance(m, nn.Conv2d) or m.weight.is_meta:
+                continue
+            if not (small_stem and m is self.conv1):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (N, C)
+
+
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without its classifier: (N, 3, H, W) -> (N, C) pooled features.
+    """A ResNet without its classifier: (N, 3, H, W) -> (N, C) pooled features.
 
     ``small_stem`` swaps the 7x7/2 conv and max-pool for a 3x3/1 conv and no pooling, the usual
     stem for inputs of 64 px or less (as in the MoCo CIFAR demo).
@@ -56,16 +158,9 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, arch: str = "resnet50", small_stem: bool = False) -> None:
         super().__init__()
-        import torchvision
-
         if arch not in RESNETS:
             raise ValueError(f"unknown ResNet {arch!r}; choose one of {', '.join(RESNETS)}")
-        net = getattr(torchvision.models, arch)(weights=None)
-        if small_stem:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-        net.fc = nn.Identity()
-        self.net = net
+        self.net = ResNet(arch, small_stem=small_stem)
         self.num_features = RESNETS[arch]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +190,8 @@ class ViTBackbone(nn.Module):
         with torch.no_grad():
             net.pos_embed.copy_(sincos_pos_embed_2d(grid, cfg["embed_dim"]))
         net.pos_embed.requires_grad = False  # fixed, not learned (MoCo v3, Sec. 4.3)
-        self._init_like_moco_v3(net, cfg["embed_dim"], patch_size)
+        if not net.cls_token.is_meta:  # on meta, saved weights are on their way (see ResNet)
+            self._init_like_moco_v3(net, cfg["embed_dim"], patch_size)
         self.net = net
         self.num_features = cfg["embed_dim"]
 

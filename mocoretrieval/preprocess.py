@@ -65,7 +65,7 @@ class Preprocess:
         if rw < s or rh < s:  # a resize smaller than the crop: torchvision pads with zeros
             return self._padded(np.asarray(img.resize((rw, rh), Image.BILINEAR)))
         # CenterCrop's offsets in the resized image, rounded as torchvision rounds them.
-        left, top = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
+        left, top = round((rw - s) / 2.0), round((rh - s) / 2.0)
         sx, sy = w / rw, h / rh  # source pixels per resized pixel
         box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
         # np.array, not asarray: a writable copy, which torch.from_numpy wants (150 kB, ~20 us).
@@ -77,7 +77,7 @@ class Preprocess:
         rh, rw = arr.shape[:2]
         ch, cw = min(rh, s), min(rw, s)
         # As torchvision's center_crop: pad to at least S (extra on the bottom/right), then crop.
-        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+        top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)
         ph, pw = (s - ch) // 2, (s - cw) // 2
         out[ph : ph + ch, pw : pw + cw] = arr[top : top + ch, left : left + cw]
         return out

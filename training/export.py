@@ -11,7 +11,7 @@ from typing import Any
 
 from mocoretrieval.encoder import MoCoEncoder
 from mocoretrieval.errors import CheckpointError, MoCoRetrievalError
-from mocoretrieval.sources import load_state_dict_strict
+from mocoretrieval.sources import encoder_with_weights
 
 from . import checkpoint as ckpt_io
 
@@ -41,9 +41,7 @@ def encoder_from_checkpoint(path: str | Path) -> MoCoEncoder:
     }
     config = dict(state["encoder_config"], extra=extra)
     config["source"] = f"mocoretrieval training.pretrain ({state['epoch']} epochs)"
-    encoder = MoCoEncoder.from_config(config)
-    load_state_dict_strict(encoder, weights, str(path))
-    return encoder.eval()
+    return encoder_with_weights(config, weights, str(path)).eval()
 
 
 def export(
