@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import MoCoRetrievalError
 
@@ -126,6 +126,11 @@ class _Progress:
             self.bar.close()
 
 
+def _notify(message: str) -> None:
+    """Says why the command is about to wait (a one-time export), on stderr."""
+    print(f"{message} ...", file=sys.stderr, flush=True)
+
+
 def _shown(path: str) -> str:
     """A result path as the table shows it: relative to the current folder when inside it."""
     rel = os.path.relpath(path)
@@ -137,11 +142,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from .onnx_backend import index_model
 
     model = index_model(
-        args.model, args.backend, args.device, index_dir=args.index, root=args.root,
+        args.model,
+        args.backend,
+        args.device,
+        index_dir=args.index,
+        root=args.root,
         quantize=args.quantize,
+        notify=None if args.quiet else _notify,
     )
     index = ImageIndex.create(
-        args.root, model, args.index, index_type=args.index_type, rebuild=args.rebuild,
+        args.root,
+        model,
+        args.index,
+        index_type=args.index_type,
+        rebuild=args.rebuild,
         device=args.device,
     )
     progress = _Progress(args.quiet)
@@ -173,7 +187,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .index import ImageIndex
     from .onnx_backend import index_model
 
-    model = index_model(None, args.backend, args.device, index_dir=args.index)
+    model = index_model(None, args.backend, args.device, index_dir=args.index, notify=_notify)
     index = ImageIndex.open(args.index, model=model, device=args.device)
     results = index.search_batch(args.images, k=args.k)
     if args.json:
@@ -281,8 +295,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
     p.add_argument("--device", help="torch device for the model (default: automatic)")
     _add_backend_arguments(p)
-    p.add_argument("--json", action="store_true", help='print [{"query", "results": [{"path", '
-                   '"score"}]}] instead of a table')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print [{"query", "results": [{"path", "score"}]}] instead of a table',
+    )
     p.set_defaults(func=_cmd_search)
 
 
@@ -336,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
     )
     try:
         return int(args.func(args) or 0)

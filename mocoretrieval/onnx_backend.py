@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,11 +231,13 @@ def cached_onnx(
     cache_dir: str | Path | None = None,
     quantize: str | None = None,
     calibration_images: Iterable[str | Path | Image.Image] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
     """The cached ONNX export of ``encoder``, exported (and quantized) on first use only.
 
     The file is named by :func:`cache_key`, so changed weights give a new file and an old one is
-    never served for them.
+    never served for them. ``notify`` is told, in a sentence, before a step of several seconds
+    (the export, the int8 calibration) starts, so that a front end can say why it waits.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
@@ -245,6 +247,8 @@ def cached_onnx(
         logger.info("using cached ONNX model %s", path)
         return path
     if quantize is None:
+        if notify is not None:
+            notify(f"exporting the model to ONNX once, for onnxruntime; cached in {path.parent}")
         return export_onnx(encoder, path)
     from .onnx_quantize import quantize_int8
 
@@ -253,7 +257,9 @@ def cached_onnx(
             "int8 quantization is calibrated on your images, and no int8 model is cached for "
             "this encoder yet: run `mocoretrieval index ... --quantize int8` first"
         )
-    fp32 = cached_onnx(encoder, cache_dir)
+    fp32 = cached_onnx(encoder, cache_dir, notify=notify)
+    if notify is not None:
+        notify("quantizing the model to int8 once, calibrated on a sample of your images")
     return quantize_int8(fp32, path, calibration_images)
 
 
@@ -296,6 +302,7 @@ def load_backend(
     quantize: str | None = None,
     calibration_images: Iterable[str | Path | Image.Image] | None = None,
     threads: int | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> MoCoEncoder | OnnxEncoder:
     """Loads an encoder for embedding with the chosen backend.
 
@@ -308,6 +315,7 @@ def load_backend(
         quantize: ``int8`` for a statically quantized onnxruntime model (implies onnx).
         calibration_images: images (paths or PIL) to calibrate int8 on, needed the first time.
         threads: onnxruntime intra-op threads; default, all cores.
+        notify: told before a one-time export or quantization starts (see :func:`cached_onnx`).
 
     Returns:
         A :class:`MoCoEncoder` (torch) or an :class:`OnnxEncoder`; both have ``embed``,
@@ -334,7 +342,7 @@ def load_backend(
         encoder = MoCoEncoder.from_pretrained(source, device="cpu" if backend == "onnx" else device)
     if backend == "torch":
         return encoder.to(device).eval()
-    path = cached_onnx(encoder, cache_dir, quantize, calibration_images)
+    path = cached_onnx(encoder, cache_dir, quantize, calibration_images, notify=notify)
     logger.info("embedding with onnxruntime (%s)", path.name)
     onnx_encoder = OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
     onnx_encoder.loaded_from = getattr(encoder, "loaded_from", None)
@@ -350,6 +358,7 @@ def index_model(
     root: str | Path | None = None,
     quantize: str | None = None,
     cache_dir: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Any:
     """The ``model`` to give :class:`~mocoretrieval.index.ImageIndex` for the chosen backend.
 
@@ -359,7 +368,7 @@ def index_model(
 
     Args:
         model: a model source or encoder, or None for the index's own.
-        backend, device, quantize, cache_dir: see :func:`load_backend`.
+        backend, device, quantize, cache_dir, notify: see :func:`load_backend`.
         index_dir: the index directory, or an indexed folder; None looks in ``root`` (or the
             current folder and its parents when ``root`` is None too).
         root: the image folder being indexed; int8 is calibrated on a sample of its images.
@@ -398,4 +407,5 @@ def index_model(
         cache_dir=cache_dir,
         quantize=quantize,
         calibration_images=calibration,
+        notify=notify,
     )

@@ -185,3 +185,17 @@ def test_rerun_and_search_reload_the_model_from_where_it_was_loaded(tmp_path, ca
     assert main(["search", query, "--index", str(root), "--json", "--backend", backend]) == 0
     results = json.loads(capsys.readouterr().out)[0]["results"]
     assert Path(results[0]["path"]).name == "img_0000.jpg"
+
+
+def test_first_onnx_run_says_it_exports_once(tmp_path, capsys):
+    torch.manual_seed(21)
+    make_tiny_encoder().save_pretrained(tmp_path / "enc")  # new weights: nothing cached yet
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    args = ["index", str(root), "--model", str(tmp_path / "enc"), "--workers", "0"]
+    assert main([*args, "--backend", "onnx"]) == 0
+    assert "exporting the model to ONNX once" in capsys.readouterr().err
+    assert main([*args, "--backend", "onnx", "--rebuild"]) == 0  # cached: nothing to wait for
+    assert "exporting" not in capsys.readouterr().err
+    assert main([*args, "--backend", "onnx", "--rebuild", "-q"]) == 0
+    assert capsys.readouterr().err == ""
