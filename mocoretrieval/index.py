@@ -81,8 +81,24 @@ def _model_source(model: str | os.PathLike) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
+class DeferredModel:
+    """A model the index loads only when it needs one: to embed files or an image query.
+
+    Given for the index's own model, an unchanged folder then costs no model loading at all;
+    the loaded weights are checked against the index's pin like any model's.
+
+    Args:
+        load: returns the encoder (e.g. an onnxruntime backend of the index's source).
+    """
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self.load = load
+
+
 def _load_encoder(model: Any, device: str | None) -> tuple[Any, str | None]:
-    """``(encoder, source)`` from a source string/path or an encoder object."""
+    """``(encoder, source)`` from a source string/path, an encoder or a DeferredModel."""
+    if isinstance(model, DeferredModel):
+        model = model.load()
     if isinstance(model, (str, os.PathLike)):
         from .sources import load
 
@@ -112,6 +128,7 @@ class ImageIndex:
         self.dim = int(manifest["encoder"]["dim"])
         self.store = Store(index_dir / DATABASE, self.dim)
         self._encoder = encoder
+        self._deferred: DeferredModel | None = None
         self._device = device
         self.faiss = FaissFile(index_dir, self.store, self.manifest, self._save_manifest)
         self.last_report: UpdateReport | None = None
@@ -267,6 +284,11 @@ class ImageIndex:
     @property
     def encoder(self) -> Any:
         """The index's encoder, loaded from its recorded source on first use."""
+        if self._encoder is None and self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._use_encoder(
+                deferred.load(), hint="the model changed since indexing; use --rebuild"
+            )
         if self._encoder is None:
             source = self.manifest["encoder"]["source"]
             if source is None:
@@ -281,6 +303,9 @@ class ImageIndex:
         return self._encoder
 
     def _use_encoder(self, model: Any, hint: str) -> None:
+        if isinstance(model, DeferredModel) and self._encoder is None:
+            self._deferred = model  # checked when loaded, if ever
+            return
         encoder, source = _load_encoder(model, self._device)
         pinned = self.manifest["encoder"]
         if encoder.weights_hash() != pinned["weights_hash"]:

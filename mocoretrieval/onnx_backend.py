@@ -393,6 +393,15 @@ def index_model(
             model = read_manifest(found)["encoder"]["source"]
             if model is None:
                 return None  # built with an unsaved encoder: the index says what to do
+            if quantize is None:  # the index's own model: loaded only if there is work
+                from .index import DeferredModel
+
+                source = model
+                return DeferredModel(
+                    lambda: load_backend(
+                        source, backend, device, cache_dir=cache_dir, notify=notify
+                    )
+                )
     calibration = None
     if quantize is not None and root is not None:
         from .data import walk_images

@@ -199,3 +199,30 @@ def test_first_onnx_run_says_it_exports_once(tmp_path, capsys):
     assert "exporting" not in capsys.readouterr().err
     assert main([*args, "--backend", "onnx", "--rebuild", "-q"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_rerun_on_unchanged_folder_loads_no_model(tmp_path, capsys, monkeypatch, backend):
+    from mocoretrieval import onnx_backend, sources
+
+    torch.manual_seed(22)
+    make_tiny_encoder().save_pretrained(tmp_path / "enc")
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    common = ["--workers", "0", "-q", "--backend", backend]
+    assert main(["index", str(root), "--model", str(tmp_path / "enc"), *common]) == 0
+    loads: list[str] = []  # which loader ran, in order
+    real_load, real_backend = sources.load, onnx_backend.load_backend
+    monkeypatch.setattr(sources, "load", lambda *a, **k: loads.append("load") or real_load(*a, **k))
+    monkeypatch.setattr(
+        onnx_backend,
+        "load_backend",
+        lambda *a, **k: loads.append("backend") or real_backend(*a, **k),
+    )
+    assert main(["index", str(root), *common]) == 0
+    assert "added 0" in capsys.readouterr().out and loads == []
+    # The index's own model is still loaded when there is work to do.
+    make_images(root / "new", 1, seed=5)
+    assert main(["index", str(root), *common]) == 0
+    assert "added 1" in capsys.readouterr().out
+    assert loads == (["backend", "load"] if backend == "onnx" else ["load"])
