@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=40, help="JPEGs to index")
     p.add_argument("--min-mpix", type=float, default=2.0, help="skip JPEGs smaller than this")
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: each backend's own default (8 for torch on CPU, 32 for onnxruntime)",
+    )
     p.add_argument("--workers", type=int, default=None, help="default: iter_embeddings' choice")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--recall-limit", type=int, default=100, help="JPEGs to measure recall on")
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm-up: oneDNN and onnxruntime pick kernels and allocate on the first batch. The torch
     # encoder goes channels_last as iter_embeddings puts it (the weights hash is unchanged).
-    warm = torch.randn(args.batch_size, 3, encoder.input_size, encoder.input_size)
+    warm = torch.randn(args.batch_size or 8, 3, encoder.input_size, encoder.input_size)
     encoder.to(memory_format=torch.channels_last)
     for backend in backends.values():
         cl = backend is encoder
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         "End-to-end `ImageIndex.build` (decode, embed, store, FAISS) of "
         f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
-        f"batch {args.batch_size}, workers "
+        f"batch {args.batch_size or 'default (torch 8, onnxruntime 32)'}, workers "
         f"{args.workers if args.workers is not None else 'auto'}; {available_cpus()} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
         f"{onnxruntime.__version__}; load average before the run {load_before:.2f}; best of "

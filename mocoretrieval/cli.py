@@ -266,7 +266,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="encoder: alias, directory, Hub id or checkpoint (default: the index's model, or "
         "moco-v3-r50-1000ep for a new index)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per forward pass (default: 8 with torch on a CPU, where it runs fastest; "
+        "32 otherwise)",
+    )
     p.add_argument("--workers", type=int, help="decoding processes (default: automatic; 0: none)")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: automatic)")
     p.add_argument(

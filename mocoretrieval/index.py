@@ -219,7 +219,7 @@ class ImageIndex:
         *,
         index_type: str | None = None,
         rebuild: bool = False,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -336,7 +336,7 @@ class ImageIndex:
     def update(
         self,
         *,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -348,7 +348,8 @@ class ImageIndex:
         the next one continues from there. An unchanged folder costs a walk and no model work.
 
         Args:
-            batch_size: images per forward pass (and per commit).
+            batch_size: images per forward pass (and per commit); None picks one for the
+                model and device (see :func:`mocoretrieval.embed.default_batch_size`).
             workers: decoding processes; None picks, 0 decodes in this process.
             device: torch device; None picks CUDA when available, else CPU.
             progress: called as ``progress(done, total)`` after each batch of files to embed.

@@ -15,6 +15,7 @@ from mocoretrieval.data import load_image, walk_images
 from mocoretrieval.embed import (
     EmbeddedBatch,
     auto_workers,
+    default_batch_size,
     iter_embeddings,
     plan_chunks,
     resolve_device,
@@ -183,3 +184,31 @@ def test_plan_chunks_splits_each_batch_between_workers():
     assert plan_chunks(3, batch_size=8, parts=1) == ([[0, 1, 2]], [1])
     chunks, per_batch = plan_chunks(10, batch_size=4, parts=2, first_batch=2)
     assert chunks == [[0], [1], [2, 3], [4, 5], [6, 7], [8, 9]] and per_batch == [2, 2, 2]
+
+
+def test_default_batch_size_follows_backend_and_device(tiny_encoder):
+    assert default_batch_size(tiny_encoder, "cpu") == 8  # torch on CPU: fastest with small ones
+    assert default_batch_size(tiny_encoder, "cuda") == 32
+    assert default_batch_size(object(), "cpu") == 32  # e.g. onnxruntime
+
+
+def test_default_batch_is_what_one_forward_gets(image_folder, tiny_encoder):
+    sizes: list[int] = []
+
+    class Recording(torch.nn.Module):  # a torch model on CPU: batches of 8 by default
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_encoder
+            self.preprocess, self.resize_size, self.dim = (
+                tiny_encoder.preprocess,
+                tiny_encoder.resize_size,
+                tiny_encoder.dim,
+            )
+
+        def embed(self, batch):
+            sizes.append(len(batch))
+            return self.inner.embed(batch)
+
+    rel = walk_images(image_folder)
+    list(iter_embeddings(Recording(), image_folder, rel, workers=0))
+    assert sum(sizes) == len(rel) and max(sizes) == min(8, len(rel))
