@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--folder", type=Path, default=Path("/usr/share/wallpapers"))
     p.add_argument("--limit", type=int, default=40, help="number of JPEGs")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="link each JPEG this many times (distinct names): a library larger than the "
+        "folder, over which the command's fixed start-up cost is spread as it is in real use",
+    )
     p.add_argument("--min-mpix", type=float, default=2.0, help="skip JPEGs smaller than this")
     p.add_argument(
         "--skip-progressive",
@@ -246,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     rel = pick_jpegs(args.folder, args.limit, args.min_mpix * 1e6, args.skip_progressive)
     if not rel:
         p.error(f"no JPEG of at least {args.min_mpix} MPix under {args.folder}")
+    source_folder, linked = args.folder, None
+    if args.repeat > 1:
+        linked = Path(tempfile.mkdtemp(prefix="repeat-"))
+        for i in range(args.repeat):
+            for r in rel:
+                (linked / f"copy{i}" / r).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(args.folder / r, linked / f"copy{i}" / r)
+        rel = [f"copy{i}/{r}" for i in range(args.repeat) for r in rel]
+        args.folder = linked
     n = len(rel)
     torch.manual_seed(0)
     encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
@@ -321,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {r + 1}: {name:16s} {n / walls[name][-1]:6.2f} img/s  "
                 f"{1e3 * cpus[name][-1] / n:7.1f} CPU ms/img{extra}"
             )
-    if model_dir is not None:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    for tmp in (model_dir, linked):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def paired(a: str, b: str) -> float:
         # Rate of a over rate of b, round by round, then the median: methods that ran seconds
@@ -357,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, StopIteration):
         pass
     header = (
-        f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
+        f"{describe(source_folder, [r.split('/', 1)[1] for r in rel] if linked else rel)}"
+        f"{f' ({n // args.repeat} files, each linked {args.repeat} times)' if linked else ''}"
+        f" from `{source_folder}`; {args.arch} (random weights), "
         f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
         f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads; load average {load_before:.2f} before the "
