@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ def append_section(script: str, body: str, argv: Sequence[str] | None = None) ->
     """Writes ``## SCRIPT, TIME`` then the command that ran (``python benchmarks/SCRIPT.py``
     with ``argv``, default the process's own arguments) and ``body``."""
     args = list(argv if argv is not None else sys.argv[1:])
-    command = " ".join([f"python benchmarks/{script}.py", *args])
+    command = shlex.join(["python", f"benchmarks/{script}.py", *args])  # quoted: copy-pasteable
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with RESULTS.open("a") as f:
         if f.tell() == 0:

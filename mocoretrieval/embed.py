@@ -106,10 +106,10 @@ def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
 def default_batch_size(encoder: Any, device: torch.device | str = "cpu") -> int:
     """Images per forward pass when none is asked for: 8 for a torch model on CPU, else 32.
 
-    Measured on 2 cores with ResNet-50 (benchmarks/RESULTS.md): torch on CPU ran the model alone
-    at 20.2 images/s with batches of 8 against 14.5 with 32, and indexed 153 photos at 14.4
-    against 12.9 images/s; onnxruntime was as fast or faster at 32 (20.1 against 19.1), and a GPU
-    wants large batches.
+    Measured on 2 cores with ResNet-50 (benchmarks/RESULTS.md, index_throughput 06:37 and the
+    onnx_vs_torch notes): torch on CPU ran the model alone at 22.3 images/s with batches of 8
+    against 14.9 with 32, and this pipeline over 153 photos at 15.7 against 13.6; onnxruntime
+    indexed them at 20.1 images/s with 32 against 19.1 with 8; a GPU wants large batches.
     """
     on_cpu = torch.device(device).type == "cpu"
     return 8 if on_cpu and isinstance(encoder, torch.nn.Module) else 32
