@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,6 @@ logger = logging.getLogger(__name__)
 # against ~130-170 ms for a ResNet-50 forward (benchmarks/RESULTS.md, index_throughput), so a
 # few workers keep a CPU model fed; more would only take cores from it.
 MAX_AUTO_WORKERS = 4
-MIN_FILES_FOR_WORKERS = 8
 # The app's gallery thumbnails (app.thumbnails.THUMB_SIDE): made while the image is decoded.
 DEFAULT_THUMBNAIL_SIZE = 320
 
@@ -92,15 +93,15 @@ def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
 
     On CPU the model needs the cores, and draft-mode decoding costs about a tenth of a
     ResNet-50 forward, so :data:`MAX_AUTO_WORKERS` at most. On GPU decoding is the bottleneck:
-    every core but the one feeding the GPU. A handful of files is decoded in this process,
-    which is quicker than starting workers.
+    every core but the one feeding the GPU. Even a single file is decoded in a worker (~0.1 s
+    to start one): a file that crashes the decoder then ends that worker, not the run.
     """
-    if num_files < MIN_FILES_FOR_WORKERS:
+    if num_files < 1:
         return 0
     cpus = available_cpus()
     if torch.device(device).type == "cuda":
-        return max(1, cpus - 1)
-    return max(1, min(cpus, MAX_AUTO_WORKERS))
+        return min(num_files, max(1, cpus - 1))
+    return min(num_files, max(1, min(cpus, MAX_AUTO_WORKERS)))
 
 
 def default_batch_size(encoder: Any, device: torch.device | str = "cpu") -> int:
@@ -228,21 +229,25 @@ def iter_embeddings(
         min_side=encoder.resize_size,
         thumbnail_size=thumbnail_size,
     )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=chunks,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=prefetch_factor if workers > 0 else None,
-        persistent_workers=False,
-    )
+
+    def loader(chunk_lists: list[list[int]], num_workers: int = workers) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=chunk_lists,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=dev.type == "cuda",
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            persistent_workers=False,
+        )
+
     logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
     return _embed_batches(
         encoder,
         loader,
-        relpaths,
+        chunks,
         chunks_per_batch,
+        relpaths,
         dev,
         memory_format,
         progress,
@@ -251,11 +256,52 @@ def iter_embeddings(
     )
 
 
+_SIGNAL = re.compile(r"killed by signal: ([^.]+)")
+
+
+def _worker_died(e: RuntimeError) -> bool:
+    return "DataLoader worker" in str(e)
+
+
+def _shut_down(decoded: Iterator[Any]) -> None:
+    """Stops a DataLoader iterator's workers now, not when it is garbage-collected.
+
+    Until then its worker pids stay registered with torch's SIGCHLD handler, which raises
+    the dead worker's error again, at whatever line this process is running, on the next
+    child exit; an exception's traceback keeps the iterator alive past its ``del``.
+    """
+    shutdown = getattr(decoded, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
+    """Decodes item ``i`` in a worker of its own; a crash marks that file, nothing else."""
+    decoded = iter(loader([[i]], 1))
+    try:
+        return next(decoded)
+    except RuntimeError as e:
+        if not _worker_died(e):
+            raise
+        _shut_down(decoded)
+        # torch reports the death by its signal or as "exited unexpectedly", whichever it
+        # notices first; the worker's exit code says which signal, when it can be read.
+        codes = [getattr(w, "exitcode", None) for w in getattr(decoded, "_workers", [])]
+        m = _SIGNAL.search(str(e))
+        why = m.group(1) if m else None
+        for code in codes:
+            if code is not None and code < 0:
+                why = signal.Signals(-code).name
+        reason = f"crashed the decoder ({why})" if why else "crashed the decoder"
+        return DecodedBatch([], None, [(i, reason)], [])
+
+
 def _embed_batches(
     encoder: Any,
-    loader: DataLoader,
-    relpaths: list[str],
+    loader: Callable[..., DataLoader],
+    chunks: list[list[int]],
     chunks_per_batch: list[int],
+    relpaths: list[str],
     dev: torch.device,
     memory_format: torch.memory_format | None,
     progress: Callable[[int], None] | None,
@@ -264,9 +310,8 @@ def _embed_batches(
 ) -> Iterator[EmbeddedBatch]:
     fmt = memory_format or torch.contiguous_format
     dim = int(getattr(encoder, "dim", 0))
-    decoded = iter(loader)
-    for num_chunks in chunks_per_batch:
-        parts: list[DecodedBatch] = [next(decoded) for _ in range(num_chunks)]
+
+    def finish(parts: list[DecodedBatch]) -> EmbeddedBatch:
         skipped = [(relpaths[i], reason) for part in parts for i, reason in part.failed]
         for path, reason in skipped:
             logger.info("skipped %s: %s", path, reason)
@@ -290,4 +335,28 @@ def _embed_batches(
         )
         if progress is not None:
             progress(len(out))
-        yield out
+        return out
+
+    b, first_chunk = 0, 0  # the next model batch, and its first chunk
+    while b < len(chunks_per_batch):
+        decoded = iter(loader(chunks[first_chunk:]))
+        try:
+            while b < len(chunks_per_batch):
+                n = chunks_per_batch[b]
+                out = finish([next(decoded) for _ in range(n)])
+                b, first_chunk = b + 1, first_chunk + n
+                yield out
+        except RuntimeError as e:
+            if not _worker_died(e):
+                raise
+            # A worker died: a file crashed the decoder (a segfault in a C library, the OOM
+            # killer). Every file of this batch is decoded alone, in a worker of its own, so
+            # the culprit is skipped with its reason; the next batches get fresh workers. The
+            # crash may have come from a batch decoded ahead: then it recurs there, once.
+            _shut_down(decoded)
+            logger.warning("a decoding worker died (%s); retrying files one by one", e)
+            n = chunks_per_batch[b]
+            indices = [i for chunk in chunks[first_chunk : first_chunk + n] for i in chunk]
+            out = finish([_decode_alone(loader, i) for i in indices])
+            b, first_chunk = b + 1, first_chunk + n
+            yield out

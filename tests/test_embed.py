@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -156,8 +159,10 @@ def test_resolve_device():
 
 
 def test_auto_workers_and_bad_arguments(image_folder, tiny_encoder, monkeypatch):
-    assert auto_workers(3) == 0
+    assert auto_workers(0) == 0
     monkeypatch.setattr("mocoretrieval.embed.available_cpus", lambda: 8)
+    assert auto_workers(1) == 1  # even one file: a decoder crash must not end the run
+    assert auto_workers(3) == 3
     assert auto_workers(100) == 4  # CPU: capped, the model needs the cores
     assert auto_workers(100, "cuda") == 7  # GPU: every core but the one feeding it
     monkeypatch.setattr("mocoretrieval.embed.available_cpus", lambda: 1)
@@ -212,3 +217,29 @@ def test_default_batch_is_what_one_forward_gets(image_folder, tiny_encoder):
     rel = walk_images(image_folder)
     list(iter_embeddings(Recording(), image_folder, rel, workers=0))
     assert sum(sizes) == len(rel) and max(sizes) == min(8, len(rel))
+
+
+def test_a_file_that_crashes_the_decoder_is_skipped_and_the_run_goes_on(
+    image_folder, tiny_encoder, monkeypatch
+):
+    from mocoretrieval import data
+
+    rel = walk_images(image_folder)
+    culprit = rel[7]  # in the third batch: 2 (a quarter batch first), 5, 5, ...
+    real_load = data.load_image
+
+    def load_or_crash(path, *args, **kwargs):  # what a segfault in a C decoder does
+        if str(path).endswith(culprit):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real_load(path, *args, **kwargs)
+
+    clean = list(iter_embeddings(tiny_encoder, image_folder, rel, batch_size=5, workers=2))
+    monkeypatch.setattr(data, "load_image", load_or_crash)  # forked workers inherit it
+    batches = list(iter_embeddings(tiny_encoder, image_folder, rel, batch_size=5, workers=2))
+    paths, vectors, skipped = _collect(batches)
+    assert [p for p, _ in skipped] == [culprit]
+    assert skipped[0][1].startswith("crashed the decoder")
+    assert paths == [p for p in rel if p != culprit]
+    assert len(batches) == len(clean)  # one per batch of files, as always: the caller commits
+    want = dict(zip(*_collect(clean)[:2], strict=True))
+    np.testing.assert_allclose(vectors, np.stack([want[p] for p in paths]), atol=1e-5)
