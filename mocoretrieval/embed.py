@@ -259,8 +259,9 @@ def iter_embeddings(
 _SIGNAL = re.compile(r"killed by signal: ([^.]+)")
 
 
-def _worker_died(e: RuntimeError) -> bool:
-    return "DataLoader worker" in str(e)
+def worker_died(e: BaseException) -> bool:
+    """Whether ``e`` is torch's report of a DataLoader worker that died (signal, crash)."""
+    return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
 
 
 def _shut_down(decoded: Iterator[Any]) -> None:
@@ -281,7 +282,7 @@ def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
     try:
         return next(decoded)
     except RuntimeError as e:
-        if not _worker_died(e):
+        if not worker_died(e):
             raise
         _shut_down(decoded)
         # torch reports the death by its signal or as "exited unexpectedly", whichever it
@@ -347,7 +348,7 @@ def _embed_batches(
                 b, first_chunk = b + 1, first_chunk + n
                 yield out
         except RuntimeError as e:
-            if not _worker_died(e):
+            if not worker_died(e):
                 raise
             # A worker died: a file crashed the decoder (a segfault in a C library, the OOM
             # killer). Every file of this batch is decoded alone, in a worker of its own, so

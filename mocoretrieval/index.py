@@ -374,22 +374,32 @@ class ImageIndex:
                     workers=workers,
                     device=device or self._device,
                 )
-                for batch in batches:
-                    skipped = [(p, reason, stats[p]) for p, reason in batch.skipped]
-                    self.store.add_batch(
-                        batch.paths,
-                        batch.vectors,
-                        [stats[p] for p in batch.paths],
-                        skipped,
-                        thumbnails=batch.thumbnails,
-                    )
-                    for p in batch.paths:
-                        (report.updated if p in known else report.added).append(p)
-                    for p, reason in batch.skipped:
-                        report.skipped.setdefault(reason, []).append(p)
-                    done += len(batch.paths) + len(batch.skipped)
-                    if progress is not None:
-                        progress(done, len(todo))
+                try:
+                    for batch in batches:
+                        skipped = [(p, reason, stats[p]) for p, reason in batch.skipped]
+                        self.store.add_batch(
+                            batch.paths,
+                            batch.vectors,
+                            [stats[p] for p in batch.paths],
+                            skipped,
+                            thumbnails=batch.thumbnails,
+                        )
+                        for p in batch.paths:
+                            (report.updated if p in known else report.added).append(p)
+                        for p, reason in batch.skipped:
+                            report.skipped.setdefault(reason, []).append(p)
+                        done += len(batch.paths) + len(batch.skipped)
+                        if progress is not None:
+                            progress(done, len(todo))
+                except RuntimeError as e:
+                    # iter_embeddings recovers from a dead decoding worker, but torch reports
+                    # the death from a signal handler, which can fire here, between batches.
+                    if not embed.worker_died(e):
+                        raise
+                    raise MoCoRetrievalError(
+                        f"a decoding worker died ({e}); the {done} files done so far are "
+                        "saved: run the same command again to continue"
+                    ) from e
             self.faiss.refresh(save=True)
             self.manifest["last_update"] = now()
             self._save_manifest()

@@ -400,3 +400,22 @@ def test_kill_9_mid_run_then_rerun_has_every_file_exactly_once(tmp_path):
     assert len(set(ids)) == len(ids)
     hits = index.search_batch([root / p for p in good[::16]], k=1)
     assert [Path(h[0].path).relative_to(root).as_posix() for h in hits] == good[::16]
+
+
+def test_a_worker_death_reported_between_batches_keeps_work_and_says_rerun(tmp_path, tiny_encoder):
+    # torch raises a dead worker's error from its SIGCHLD handler, which may fire while the
+    # index is committing rather than inside iter_embeddings (which recovers from it).
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    index = ImageIndex.create(root, model=tiny_encoder)
+
+    def progress(done: int, total: int) -> None:
+        if done == 2:
+            raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Killed. ")
+
+    with pytest.raises(MoCoRetrievalError, match="2 files done so far are saved: run the same"):
+        index.update(workers=WORKERS, batch_size=2, progress=progress)
+    assert index.store.count() == 2  # the batch before the report is committed
+    report = index.update(workers=WORKERS, batch_size=2)
+    assert len(report.added) == 4
+    _assert_matches_folder(index, root)
