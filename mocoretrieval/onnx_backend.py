@@ -217,13 +217,23 @@ class OnnxEncoder:
 # --- cache and backend choice ---------------------------------------------------------------
 
 
-def cache_key(encoder: MoCoEncoder, quantize: str | None = None) -> str:
-    """File stem of the cached export: the weights hash, plus a digest of what shapes the graph."""
+def cache_key(
+    encoder: MoCoEncoder, quantize: str | None = None, calibrated_on: str | None = None
+) -> str:
+    """File stem of the cached export: the weights hash, plus a digest of what shapes the graph.
+
+    A quantized model also names what it was calibrated on (``calibrated_on``, e.g. the image
+    folder), since its activation ranges are those of these images.
+    """
     graph = {k: v for k, v in encoder.config.items() if k not in ("source", "paper", "extra")}
     graph["format_version"] = FORMAT_VERSION
     digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:8]
     stem = f"{encoder.weights_hash()[:32]}-{digest}"
-    return f"{stem}-{quantize}" if quantize else stem
+    if not quantize:
+        return stem
+    if calibrated_on:
+        stem += "-" + hashlib.sha256(calibrated_on.encode()).hexdigest()[:8]
+    return f"{stem}-{quantize}"
 
 
 def cached_onnx(
@@ -232,17 +242,19 @@ def cached_onnx(
     quantize: str | None = None,
     calibration_images: Iterable[str | Path | Image.Image] | None = None,
     notify: Callable[[str], None] | None = None,
+    calibrated_on: str | None = None,
 ) -> Path:
     """The cached ONNX export of ``encoder``, exported (and quantized) on first use only.
 
     The file is named by :func:`cache_key`, so changed weights give a new file and an old one is
-    never served for them. ``notify`` is told, in a sentence, before a step of several seconds
+    never served for them; an int8 model calibrated on one folder (``calibrated_on``) is not
+    served for another. ``notify`` is told, in a sentence, before a step of several seconds
     (the export, the int8 calibration) starts, so that a front end can say why it waits.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise BackendError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f"{cache_key(encoder, quantize)}.onnx"
+    path = cache_dir / f"{cache_key(encoder, quantize, calibrated_on)}.onnx"
     if _usable(path, encoder.weights_hash()):
         logger.info("using cached ONNX model %s", path)
         return path
@@ -303,6 +315,7 @@ def load_backend(
     calibration_images: Iterable[str | Path | Image.Image] | None = None,
     threads: int | None = None,
     notify: Callable[[str], None] | None = None,
+    calibrated_on: str | None = None,
 ) -> MoCoEncoder | OnnxEncoder:
     """Loads an encoder for embedding with the chosen backend.
 
@@ -316,6 +329,8 @@ def load_backend(
         calibration_images: images (paths or PIL) to calibrate int8 on, needed the first time.
         threads: onnxruntime intra-op threads; default, all cores.
         notify: told before a one-time export or quantization starts (see :func:`cached_onnx`).
+        calibrated_on: what the int8 calibration images stand for (the folder): one cached
+            int8 model per value.
 
     Returns:
         A :class:`MoCoEncoder` (torch) or an :class:`OnnxEncoder`; both have ``embed``,
@@ -342,7 +357,9 @@ def load_backend(
         encoder = MoCoEncoder.from_pretrained(source, device="cpu" if backend == "onnx" else device)
     if backend == "torch":
         return encoder.to(device).eval()
-    path = cached_onnx(encoder, cache_dir, quantize, calibration_images, notify=notify)
+    path = cached_onnx(
+        encoder, cache_dir, quantize, calibration_images, notify=notify, calibrated_on=calibrated_on
+    )
     logger.info("embedding with onnxruntime (%s)", path.name)
     onnx_encoder = OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
     onnx_encoder.loaded_from = getattr(encoder, "loaded_from", None)
@@ -417,4 +434,6 @@ def index_model(
         quantize=quantize,
         calibration_images=calibration,
         notify=notify,
+        # Calibrated on this folder's images: another folder gets its own int8 model.
+        calibrated_on=str(Path(root).resolve()) if quantize is not None and root else None,
     )

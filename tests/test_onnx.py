@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from factories import make_images
 from PIL import Image
 
 from mocoretrieval import MoCoEncoder
@@ -320,3 +321,11 @@ def test_index_with_int8_calibrates_on_the_folder(tmp_path, image_folder, tiny_e
     assert main(["search", str(query), "--index", str(index), "--backend", "torch", "--json"]) == 0
     top = json.loads(capsys.readouterr().out)[0]["results"][0]
     assert os.path.samefile(top["path"], query) and top["score"] > 0.99
+    # Another folder is calibrated on its own images, not served the first folder's model.
+    other = tmp_path / "other"
+    make_images(other, 5, seed=9)
+    assert main(["index", str(other), "--model", str(tiny_encoder_dir), "--quantize", "int8"]) == 0
+    files = sorted(ob.default_cache_dir().glob("*-int8.onnx"))
+    assert len(files) == 2
+    counts = sorted(OnnxEncoder.from_file(f).meta["calibration_images"] for f in files)
+    assert counts == [5, 18]
