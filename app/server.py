@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def launch(
 
 
 def open_index(
-    path: str | Path | None = None, backend: str = "auto", device: str | None = None
+    path: str | Path | None = None,
+    backend: str = "auto",
+    device: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Any:
     """Opens the index and loads its query encoder now, so the first query is not the slow one
     and a missing model is reported at start-up rather than in the page.
@@ -86,11 +90,13 @@ def open_index(
         backend: ``torch``, ``onnx`` or ``auto`` (onnxruntime on a CPU, torch on a GPU), as
             for ``mocoretrieval search``; the index checks the weights hash either way.
         device: torch device; None picks one.
+        notify: told before a one-time ONNX export starts (an index built with torch, served
+            with onnxruntime), so that the command can say why start-up waits.
     """
     from mocoretrieval.index import ImageIndex
     from mocoretrieval.onnx_backend import index_model
 
-    model = index_model(None, backend, device, index_dir=path)
+    model = index_model(None, backend, device, index_dir=path, notify=notify)
     index = ImageIndex.open(path, model=model, device=device)
     encoder = index.encoder
     side = int(getattr(encoder, "input_size", 224))
@@ -107,17 +113,18 @@ def serve(
     backend: str = "auto",
     max_upload_mb: float = views.MAX_UPLOAD_MB,
     device: str | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> None:
     """Opens the index (loading its encoder once) and serves the app until interrupted.
 
     Args:
-        index_path, backend, device: see :func:`open_index`.
+        index_path, backend, device, notify: see :func:`open_index`.
         host, port, share, max_upload_mb: see :func:`launch_options`.
         k: how many results the page shows at first.
     """
     from .ui import build_app
 
-    index = open_index(index_path, backend, device)
+    index = open_index(index_path, backend, device, notify)
     try:
         page = build_app(index, k_default=k, max_upload_mb=max_upload_mb)
         launch(page, host, port, share, max_upload_mb, block=True)

@@ -75,6 +75,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         max_upload_mb=args.max_upload_mb,
         device=args.device,
+        notify=_notify,
     )
     return 0
 

@@ -211,3 +211,5 @@ def test_python_m_app_serves_on_localhost(saved_index, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # The index was built with torch: start-up exported the model once, and said so.
+    assert "exporting the model to ONNX once" in proc.stdout.read()
