@@ -17,6 +17,7 @@ from .errors import (
 )
 from .onnx_backend import OnnxEncoder, load_backend
 from .onnx_export import export_onnx
+from .preprocess import Preprocess
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "MoCoRetrievalError",
     "ModelMismatchError",
     "OnnxEncoder",
+    "Preprocess",
     "SearchResult",
     "SourceError",
     "UnsafeCheckpointError",
