@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,21 +255,42 @@ def iter_embeddings(
     )
 
 
-_SIGNAL = re.compile(r"killed by signal: ([^.]+)")
+# What a DataLoader iterator raises when one of its workers dies (see worker_died).
+_LOADER_ERRORS = (RuntimeError, ConnectionError, EOFError)
 
 
 def worker_died(e: BaseException) -> bool:
-    """Whether ``e`` is torch's report of a DataLoader worker that died (signal, crash)."""
+    """Whether ``e`` reports a DataLoader worker that died (signal, crash).
+
+    torch says so with a RuntimeError; when the worker dies after queueing a batch, receiving
+    that batch's shared memory from it fails first, with a ConnectionError or an EOFError.
+    """
+    if isinstance(e, (ConnectionError, EOFError)):
+        return True
     return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
 
 
-def _shut_down(decoded: Iterator[Any]) -> None:
-    """Stops a DataLoader iterator's workers now, not when it is garbage-collected.
+def _decoding(data: DataLoader) -> Iterator[DecodedBatch]:
+    """An iterator over ``data`` whose worker deaths are errors of ``next``, never of a signal.
 
-    Until then its worker pids stay registered with torch's SIGCHLD handler, which raises
-    the dead worker's error again, at whatever line this process is running, on the next
-    child exit; an exception's traceback keeps the iterator alive past its ``del``.
+    torch registers a multiprocess iterator's workers with its SIGCHLD handler, which raises
+    a dead worker's error at whatever line this process is running: in the middle of a
+    commit, in the caller's code, in this module's own recovery. Unregistered, the death
+    shows up in ``next`` only: as an EOFError or ConnectionError when receiving a batch from
+    the worker fails, or as torch's "exited unexpectedly" at its next liveness check (5 s).
     """
+    decoded = iter(data)
+    if getattr(decoded, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._remove_worker_pids(id(decoded))
+        decoded._worker_pids_set = False
+    return decoded
+
+
+def _shut_down(decoded: Iterator[Any]) -> None:
+    """Stops a DataLoader iterator's workers now, not when it is garbage-collected (an
+    exception's traceback keeps it alive, and its live workers decoding ahead)."""
     shutdown = getattr(decoded, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
@@ -278,22 +298,16 @@ def _shut_down(decoded: Iterator[Any]) -> None:
 
 def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
     """Decodes item ``i`` in a worker of its own; a crash marks that file, nothing else."""
-    decoded = iter(loader([[i]], 1))
+    decoded = _decoding(loader([[i]], 1))
     try:
         return next(decoded)
-    except RuntimeError as e:
+    except _LOADER_ERRORS as e:
         if not worker_died(e):
             raise
-        _shut_down(decoded)
-        # torch reports the death by its signal or as "exited unexpectedly", whichever it
-        # notices first; the worker's exit code says which signal, when it can be read.
+        _shut_down(decoded)  # joins the worker: its exit code says which signal ended it
         codes = [getattr(w, "exitcode", None) for w in getattr(decoded, "_workers", [])]
-        m = _SIGNAL.search(str(e))
-        why = m.group(1) if m else None
-        for code in codes:
-            if code is not None and code < 0:
-                why = signal.Signals(-code).name
-        reason = f"crashed the decoder ({why})" if why else "crashed the decoder"
+        signals = [signal.Signals(-c).name for c in codes if c is not None and c < 0]
+        reason = f"crashed the decoder ({signals[0]})" if signals else "crashed the decoder"
         return DecodedBatch([], None, [(i, reason)], [])
 
 
@@ -340,21 +354,21 @@ def _embed_batches(
 
     b, first_chunk = 0, 0  # the next model batch, and its first chunk
     while b < len(chunks_per_batch):
-        decoded = iter(loader(chunks[first_chunk:]))
+        decoded = _decoding(loader(chunks[first_chunk:]))
         try:
             while b < len(chunks_per_batch):
                 n = chunks_per_batch[b]
                 out = finish([next(decoded) for _ in range(n)])
                 b, first_chunk = b + 1, first_chunk + n
                 yield out
-        except RuntimeError as e:
+        except _LOADER_ERRORS as e:
             if not worker_died(e):
                 raise
+            _shut_down(decoded)
             # A worker died: a file crashed the decoder (a segfault in a C library, the OOM
             # killer). Every file of this batch is decoded alone, in a worker of its own, so
             # the culprit is skipped with its reason; the next batches get fresh workers. The
             # crash may have come from a batch decoded ahead: then it recurs there, once.
-            _shut_down(decoded)
             logger.warning("a decoding worker died (%s); retrying files one by one", e)
             n = chunks_per_batch[b]
             indices = [i for chunk in chunks[first_chunk : first_chunk + n] for i in chunk]

@@ -392,8 +392,9 @@ class ImageIndex:
                         if progress is not None:
                             progress(done, len(todo))
                 except RuntimeError as e:
-                    # iter_embeddings recovers from a dead decoding worker, but torch reports
-                    # the death from a signal handler, which can fire here, between batches.
+                    # iter_embeddings recovers from its own dead workers and keeps them off
+                    # torch's SIGCHLD handler; a DataLoader of the caller's, still registered
+                    # there, can have a death reported here, between batches.
                     if not embed.worker_died(e):
                         raise
                     raise MoCoRetrievalError(
