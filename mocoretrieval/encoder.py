@@ -181,8 +181,7 @@ class MoCoEncoder(
         else:
             if isinstance(images, Image.Image):
                 images = [images]
-            tf = self.preprocess
-            batch = torch.stack([tf(im.convert("RGB")) for im in images])
+            batch = self.preprocess.batch(images)
         param = next(self.parameters())
         batch = batch.to(device=param.device, dtype=param.dtype)
         if self.training:

@@ -25,6 +25,7 @@ from .onnx_export import (
     read_metadata,
     sidecar_path,
 )
+from .preprocess import Preprocess
 
 __all__ = [
     "BACKENDS",
@@ -167,11 +168,9 @@ class OnnxEncoder:
         return int(self.meta["dim"])
 
     @property
-    def preprocess(self):
-        """The evaluation transform, built from the exported config exactly as MoCoEncoder does."""
-        # Calling MoCoEncoder's own getter keeps one definition of the transform: both backends
-        # must see identical pixels for their embeddings to agree.
-        return MoCoEncoder.preprocess.fget(self)  # type: ignore[attr-defined]
+    def preprocess(self) -> Preprocess:
+        """The evaluation transform of the exported config, the same class MoCoEncoder uses."""
+        return Preprocess(self.resize_size, self.input_size, self.mean, self.std)
 
     def weights_hash(self) -> str:
         """The source encoder's weights hash, so indexes pin the same model whatever the backend."""
@@ -199,8 +198,7 @@ class OnnxEncoder:
         else:
             if isinstance(images, Image.Image):
                 images = [images]
-            tf = self.preprocess
-            batch = torch.stack([tf(im.convert("RGB")) for im in images]).numpy()
+            batch = self.preprocess.batch(images).numpy()
         if len(batch) == 0:
             return np.zeros((0, self.dim), np.float32)
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]

@@ -90,6 +90,11 @@ class Preprocess:
         # The order of torchvision's ToTensor then Normalize, so that the floats are the same.
         return x.div_(255.0).sub_(mean).div_(std)
 
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images of any mode -> (N, 3, S, S) float32, normalised together, channels_last."""
+        pixels = np.stack([self.pixels(im.convert("RGB")) for im in images])
+        return self.normalize(torch.from_numpy(pixels))
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """A PIL RGB image -> (3, S, S) float32 tensor, as torchvision's transform gives it."""
         pixels = torch.from_numpy(self.pixels(img))[None]
