@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import PretrainConfig, preset
+from .config import NAMED, PretrainConfig, named_preset, preset
+from .runtime import PRECISIONS
 from .loaders import DataOptions
 
 _SKIP = {"extra"}
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-val", type=int, help="Fashion-MNIST: N test images as kNN queries")
     p.add_argument("--workers", type=int, default=8, help="data-loader processes (folders)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: GPU if available)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocast or fp32; auto: bf16 where the GPU or CPU computes it natively",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(NAMED),
+        help="a named recipe (training/config.py NAMED); --version/--arch/--FIELD go on top",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -80,8 +92,11 @@ def config_from_args(args: argparse.Namespace, fashion_mnist: bool) -> tuple[Pre
     }
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     explicit = list(overrides)
-    version = overrides.pop("version", "v3")
-    arch = overrides.pop("arch", "resnet50")
+    if getattr(args, "preset", None):
+        return named_preset(args.preset, **overrides), explicit
+    defaults = PretrainConfig.__dataclass_fields__
+    version = overrides.pop("version", defaults["version"].default)
+    arch = overrides.pop("arch", defaults["arch"].default)
     if fashion_mnist and "input_size" not in overrides:
-        overrides["input_size"] = 32  # 28-px images; the small ResNet stem follows
+        overrides["input_size"] = 32  # 28-px images, padded by resizing
     return preset(version, arch, **overrides), explicit

@@ -31,7 +31,9 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: a run resumed on a machine that sees fewer GPUs (one per
+        # process under torchrun) must not be asked to restore the states of GPUs it lacks.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -43,7 +45,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible GPU's state
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:

@@ -21,6 +21,9 @@ from mocoretrieval.backbones import ARCHS, VITS
 from mocoretrieval.errors import MoCoRetrievalError
 
 VERSIONS = ("v1", "v2", "v3")
+# The standard ResNet stem and stages divide the input by 32: below this the last stage sees
+# a 1x1 map under a stride-2 3x3 conv, degenerate (and miscomputed by oneDNN's bf16 kernels).
+MIN_STANDARD_STEM_SIZE = 32
 
 
 class ConfigError(MoCoRetrievalError, ValueError):
@@ -33,7 +36,8 @@ class PretrainConfig:
 
     version: str = "v2"
     arch: str = "resnet50"
-    # Inputs of 64 px or less use the 3x3-conv, no-max-pool ResNet stem (as in [demo]).
+    # The 3x3-conv, no-max-pool ResNet stem of [demo] for small inputs: 16x the compute of the
+    # standard stem at the same size, so preset() chooses it only below 32 px.
     small_stem: bool = False
     input_size: int = 224
     # Zero-init the last BN of each residual block: [v3] builds ResNets with zero_init_residual.
@@ -123,6 +127,15 @@ class PretrainConfig:
             raise ConfigError(f"momentum m must be in [0, 1], got {self.m}")
         if self.epochs < 1 or self.batch_size < 1 or self.shuffle_bn_groups < 1:
             raise ConfigError("epochs, batch_size and shuffle_bn_groups must be positive")
+        if not self.is_vit:
+            smallest = 8 if self.small_stem else MIN_STANDARD_STEM_SIZE
+            if self.input_size < smallest:
+                raise ConfigError(
+                    f"input_size {self.input_size} is too small for the "
+                    f"{'small' if self.small_stem else 'standard'} ResNet stem (at least "
+                    f"{smallest} px); raise input_size"
+                    + ("" if self.small_stem else " or pass small_stem (--small-stem)")
+                )
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs")
 
@@ -160,8 +173,10 @@ class PretrainConfig:
 def preset(version: str, arch: str = "resnet50", **overrides: Any) -> PretrainConfig:
     """The published recipe of ``version`` for ``arch``, with ``overrides`` applied on top.
 
-    A ``small_stem`` ResNet (inputs <= 64 px) is selected automatically when ``input_size`` is
-    64 or less, unless ``small_stem`` is given.
+    ResNets keep the standard stem down to 32 px unless ``small_stem=True`` is given: on 32-px
+    Fashion-MNIST the 3x3/1 stem costs 16x the compute per image (a ResNet-18 forward+backward
+    ran at ~20-40 images/s on 2 CPU cores with it, ~900 without). Below 32 px the standard stem
+    leaves the last stage nothing to convolve, so the small stem is chosen.
     """
     if version not in VERSIONS:
         raise ConfigError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -231,8 +246,27 @@ def preset(version: str, arch: str = "resnet50", **overrides: Any) -> PretrainCo
             "solarize_p": (0.0, 0.2),
         }
     base.update(version=version, arch=arch)
-    size = overrides.get("input_size", 224)
     if not vit and "small_stem" not in overrides:
-        base["small_stem"] = size <= 64
+        base["small_stem"] = overrides.get("input_size", 224) < MIN_STANDARD_STEM_SIZE
     base.update(overrides)
     return PretrainConfig(**base)
+
+
+# Named recipes for a data set and a machine, on top of a version's preset. Each one's numbers
+# were measured with the command in its comment (benchmarks/RESULTS.md).
+NAMED = {
+    # MoCo v2 on Fashion-MNIST on a 2-core CPU in under 60 minutes (the learning proof of
+    # benchmarks/RESULTS.md). FILLED IN BELOW.
+    "fmnist-cpu": {
+        "version": "v2",
+        "arch": "resnet18",
+    },
+}
+
+
+def named_preset(name: str, **overrides: Any) -> PretrainConfig:
+    """The named recipe ``name`` (see :data:`NAMED`) with ``overrides`` on top."""
+    if name not in NAMED:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(NAMED))}")
+    fields = {**NAMED[name], **overrides}
+    return preset(fields.pop("version"), fields.pop("arch"), **fields)

@@ -41,6 +41,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -51,8 +56,11 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenates ``x`` of every process along dim 0 (no gradient), rank order."""
     if get_world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    x = x.contiguous()
+    # Contiguous outputs: empty_like would copy a channels_last layout, which gloo and NCCL
+    # fill as if it were contiguous, scrambling the gathered images.
+    out = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(get_world_size())]
+    dist.all_gather(out, x)
     return torch.cat(out, dim=0)
 
 

@@ -84,13 +84,20 @@ def extract(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     autocast: bool = False,
+    memory_format: torch.memory_format | None = None,
 ) -> torch.Tensor:
-    """L2-normalised backbone features of preprocessed batches, in eval mode; (N, D) float32."""
+    """L2-normalised backbone features of preprocessed batches, in eval mode; (N, D) float32.
+
+    ``autocast`` runs the backbone under bf16 autocast; ``memory_format`` (channels_last) is
+    the layout the backbone was put in.
+    """
     was_training = backbone.training
     backbone.eval()
     out = []
     for x in batches:
         x = x.to(device, non_blocking=True)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out.append(F.normalize(backbone(x).float(), dim=1))
     backbone.train(was_training)

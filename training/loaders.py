@@ -112,6 +112,9 @@ class KnnSets:
     bank: list[torch.Tensor] | None = None
     bank_labels: torch.Tensor | None = None
     name: str = ""
+    # The images as stored (before resizing and normalising), for the raw-pixel floor.
+    raw_queries: list[torch.Tensor] | None = None
+    raw_bank: list[torch.Tensor] | None = None
 
 
 def _chunks(images: torch.Tensor, resize: int, crop: int, mean, std, bs: int = 512):
@@ -147,6 +150,8 @@ def build_knn(cfg: PretrainConfig, opts: DataOptions, device: torch.device) -> K
             bank=_chunks(bank.to(device), resize, crop, mean, std),
             bank_labels=bank_labels.to(device),
             name=f"fashion-mnist test ({len(labels)}) vs train ({len(bank_labels)})",
+            raw_queries=[(queries.float() / 255).to(device)],
+            raw_bank=[(bank.float() / 255).to(device)],
         )
     if not opts.val_dir:
         return None
@@ -154,10 +159,14 @@ def build_knn(cfg: PretrainConfig, opts: DataOptions, device: torch.device) -> K
 
     tf = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
     ds = RobustImageDataset(opts.val_dir, tf, labeled=True, min_side=resize)
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    x = torch.stack(xs)
+    # Decoded by worker processes, as the training images are, not one by one on rank 0.
+    loader = DataLoader(ds, batch_size=256, num_workers=min(opts.workers, len(ds)))
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x.to(device))
+        ys.append(y)
     return KnnSets(
-        queries=[x[i : i + 256] for i in range(0, len(x), 256)],
-        query_labels=torch.tensor(ys, device=device),
+        queries=xs,
+        query_labels=torch.cat(ys).to(device),
         name=f"{Path(opts.val_dir).name} leave-one-out ({len(ds)}, {len(ds.classes)} classes)",
     )

@@ -1,4 +1,9 @@
-"""InfoNCE losses of MoCo v1/v2 (queue of negatives) and v3 (in-batch keys, symmetric)."""
+"""InfoNCE losses of MoCo v1/v2 (queue of negatives) and v3 (in-batch keys, symmetric).
+
+Both are computed in float32 with autocast switched off, whatever the caller's precision: under
+bf16 autocast an einsum returns bf16 even from float32 inputs, and logits of 65,537 keys divided
+by T=0.07 need more than bf16's 8 bits of mantissa to rank the positive correctly.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: flo
         queue: negative keys, (C, K), L2-normalised.
         T: softmax temperature.
     """
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-    l_neg = torch.einsum("nc,ck->nk", q, queue.detach())  # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1).float() / T  # (N, 1+K)
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.detach().float()
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+        l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels)
 
 
 def info_nce_batch(q: torch.Tensor, k_all: torch.Tensor, T: float, offset: int = 0) -> torch.Tensor:
@@ -31,9 +38,10 @@ def info_nce_batch(q: torch.Tensor, k_all: torch.Tensor, T: float, offset: int =
         T: softmax temperature.
         offset: index of this process's first key in ``k_all`` (``N * rank``).
     """
-    q = F.normalize(q.float(), dim=1)
-    k_all = F.normalize(k_all.float(), dim=1)
-    logits = torch.einsum("nc,mc->nm", q, k_all) / T  # (N, M)
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    # The 2T factor makes the gradient's scale independent of T (moco-v3 builder.py).
-    return F.cross_entropy(logits, labels) * (2 * T)
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        k_all = F.normalize(k_all.float(), dim=1)
+        logits = torch.einsum("nc,mc->nm", q, k_all) / T  # (N, M)
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        # The 2T factor makes the gradient's scale independent of T (moco-v3 builder.py).
+        return F.cross_entropy(logits, labels) * (2 * T)

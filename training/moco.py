@@ -108,10 +108,10 @@ class MoCo(MomentumPair):
         n, K = keys.shape[0], self.queue.shape[1]
         if n > K:
             raise ValueError(f"a batch of {n} keys does not fit a queue of {K}; raise queue_size")
-        ptr = int(self.queue_ptr)
-        idx = (torch.arange(n, device=keys.device) + ptr) % K
-        self.queue[:, idx] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % K
+        # The pointer stays on the device: reading it (int(...)) would wait for the GPU every step.
+        idx = (torch.arange(n, device=keys.device) + self.queue_ptr) % K  # (N,)
+        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(K)
 
     @torch.no_grad()
     def shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class MoCo(MomentumPair):
             self.momentum_update(m)
             k = self.shuffled_keys(x2)  # (N, C)
         # The queue is cloned: enqueue() below changes it before backward needs it.
-        loss = info_nce_queue(q.float(), k.float(), self.queue.clone(), self.T)
+        loss = info_nce_queue(q, k, self.queue.clone(), self.T)
         self.enqueue(dist.all_gather(k))
         return loss
 

@@ -51,7 +51,9 @@ def test_inconsistent_configs_are_refused():
         preset("v3", "resnet18", queue_size=16)
     with pytest.raises(ConfigError, match="arch"):
         preset("v2", "resnet101")
-    assert preset("v2", "resnet18", input_size=32).small_stem
+    # Small inputs keep the standard stem: the 3x3/1 stem costs ~20x the compute (issue 10).
+    assert not preset("v2", "resnet18", input_size=32).small_stem
+    assert preset("v2", "resnet18", input_size=32, small_stem=True).small_stem
 
 
 def test_lars_scales_matrix_updates_and_leaves_vectors_plain():
