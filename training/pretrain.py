@@ -109,6 +109,30 @@ def pixel_knn(sets: KnnSets, cfg: PretrainConfig) -> float:
     return knn_accuracy(queries, sets.query_labels, bank, sets.bank_labels, cfg.knn_k, cfg.knn_t)
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    lr: float,
+    m: float,
+    precision: str,
+    channels_last: bool,
+) -> torch.Tensor:
+    """One optimisation step on a batch of view pairs; returns the detached loss (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if channels_last:
+        x1 = x1.contiguous(memory_format=torch.channels_last)
+        x2 = x2.contiguous(memory_format=torch.channels_last)
+    with autocast(x1.device, precision):
+        loss = model(x1, x2, m)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(
     cfg: PretrainConfig, data: DataOptions, run: RunOptions, explicit: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -239,20 +263,11 @@ def train(
         for i, (x1, x2) in enumerate(source.epoch(sampler, device)):
             progress = epoch + i / steps
             lr, m = learning_rate(cfg, progress), momentum(cfg, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if channels_last:
-                x1 = x1.contiguous(memory_format=torch.channels_last)
-                x2 = x2.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                loss = model(x1, x2, m)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss = train_step(model, optimizer, x1, x2, lr, m, precision, channels_last)
+            loss_sum += loss
             step += 1
             if run.log_every and step % run.log_every == 0:
-                value = float(dist.all_reduce_mean(loss.detach()))
+                value = float(dist.all_reduce_mean(loss))
                 now = time.perf_counter()
                 log(
                     event="step",
