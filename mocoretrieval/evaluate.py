@@ -226,7 +226,7 @@ def eval_knn(
         backend, device, quantize, batch_size, workers, notify, progress: as for copies.
     """
     if (folder is None) == (dataset is None):
-        raise DatasetError("pass a labeled folder or --dataset fashion-mnist, not both")
+        raise DatasetError("pass either a labeled folder or --dataset fashion-mnist")
     if any(k < 1 for k in ks):
         raise DatasetError(f"-k values must be at least 1, got {list(ks)}")
     models = [RAW_PIXELS, *(m for m in models if m != RAW_PIXELS)]
