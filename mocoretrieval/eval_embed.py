@@ -77,8 +77,9 @@ def load_models(
     """``(name, encoder)`` of each model to evaluate, in order.
 
     Args:
-        models: model sources (as ``index --model`` takes them), :data:`RAW_PIXELS`, or
-            encoders already loaded.
+        models: model sources (as ``index --model`` takes them), :data:`RAW_PIXELS`,
+            encoders already loaded, or any object with their embedding protocol (``embed``,
+            ``preprocess``, ``resize_size``, ``dim``; ``weights_hash`` to reuse an index).
         backend, device, notify: see :func:`~mocoretrieval.onnx_backend.load_backend`.
         quantize: ``int8``: each model is evaluated as given and quantized, side by side.
         calibration_images, calibrated_on: the images int8 is calibrated on, and the folder
@@ -93,6 +94,9 @@ def load_models(
             out.append((RAW_PIXELS, RawPixels(raw_size)))
             continue
         name = str(model) if isinstance(model, (str, os.PathLike)) else _name_of(model)
+        if _is_embedder(model):  # e.g. a baseline or a stand-in: used as it is
+            out.append((name, model))
+            continue
         out.append((name, load_backend(model, backend, device, notify=notify)))
         if quantize is not None:
             encoder = load_backend(
@@ -108,6 +112,16 @@ def load_models(
     if len({name for name, _ in out}) < len(out):
         raise MoCoRetrievalError("a model is listed twice; give each --model once")
     return out
+
+
+def _is_embedder(model: Any) -> bool:
+    """Has the embedding protocol but is neither a source nor an encoder load_backend takes."""
+    from .encoder import MoCoEncoder
+    from .onnx_backend import OnnxEncoder
+
+    if isinstance(model, (str, os.PathLike, MoCoEncoder, OnnxEncoder)):
+        return False
+    return all(hasattr(model, a) for a in ("embed", "preprocess", "dim", "resize_size"))
 
 
 def _name_of(encoder: Any) -> str:
@@ -142,7 +156,9 @@ def stored_vectors(
     the two are never mixed up.
     """
     index_dir = Path(root) / DEFAULT_DIRNAME
-    if getattr(encoder, "quantize", None) or not (index_dir / DATABASE).is_file():
+    if getattr(encoder, "quantize", None) or not hasattr(encoder, "weights_hash"):
+        return {}
+    if not (index_dir / DATABASE).is_file():
         return {}
     from .store import Store
 

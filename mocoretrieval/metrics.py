@@ -140,13 +140,14 @@ def knn_scores(
     r = per_class[qy] - int(leave_one_out)  # (Q,) same-class items each query could find
     m = b.shape[0] - int(leave_one_out)
     depth = min(m, max([*ks, *recall_ks, int(r.max())]))
-    # Jitter far below float32's resolution: orders exact ties only, and at random.
-    jitter = torch.from_numpy(np.random.default_rng(seed).random(b.shape[0]) * 1e-12)
+    rng = np.random.default_rng(seed)
     correct = {k: 0 for k in ks}
     hits = {k: 0 for k in recall_ks}
     ap_sum = 0.0
     for s in range(0, q.shape[0], chunk):
-        sim = q[s : s + chunk] @ b.T + jitter  # (c, M)
+        sim = q[s : s + chunk] @ b.T  # (c, M)
+        # Jitter far below float32's resolution: orders exact ties only, at random per query.
+        sim += torch.from_numpy(rng.random(sim.shape) * 1e-12)
         if leave_one_out:
             rows = torch.arange(sim.shape[0])
             sim[rows, rows + s] = float("-inf")
