@@ -206,8 +206,12 @@ def make_copies(
     out_dir: str | Path,
     preset: str = "standard",
     seed: int = 0,
+    limit: int | None = None,
 ) -> tuple[list[EditedCopy], list[tuple[str, str]]]:
     """Writes the edited copies of ``originals`` (paths relative to ``root``) under ``out_dir``.
+
+    Args:
+        limit: stop after this many originals have their copies (unreadable ones do not count).
 
     Returns:
         The copies, by original then kind, and ``(original, reason)`` for each original that
@@ -218,7 +222,10 @@ def make_copies(
     out_dir.mkdir(parents=True, exist_ok=True)
     copies: list[EditedCopy] = []
     skipped: list[tuple[str, str]] = []
+    done = 0
     for i, original in enumerate(originals):
+        if limit is not None and done >= limit:
+            break
         try:
             img = web_sized(load_image(Path(root) / original, min_side=EDIT_SIDE))
         except ImageError as e:
@@ -232,4 +239,5 @@ def make_copies(
             else:
                 copy.save(out_dir / name, compress_level=1)  # lossless, and fast to write
             copies.append(EditedCopy(name, original, kind))
+        done += 1
     return copies, skipped

@@ -108,15 +108,16 @@ def eval_duplicates(
     )
     common = {"batch_size": batch_size, "workers": workers, "device": device}
     with tempfile.TemporaryDirectory(prefix="mocoretrieval-duplicates-") as tmp:
-        skipped: list[tuple[str, str]]
+        skipped: list[tuple[str, str]] = []
         if groups is not None:
-            known, copies, skipped = read_groups(groups, files), [], []
+            known, copies = read_groups(groups, files), []
             source = str(groups)
         else:
-            originals = choose_images(files, n, seed)
-            copies, skipped = make_copies(folder, originals, tmp, transforms, seed)
-            known = {f: f for f in originals} | {c.path: c.original for c in copies}
-            source = f"copies: {transforms}, n={len(originals)}, seed={seed}"
+            order = choose_images(files, n, seed)
+            copies, _ = make_copies(folder, order, tmp, transforms, seed, limit=n)
+            known = {c.original: c.original for c in copies} | {c.path: c.original for c in copies}
+            copied = len({c.original for c in copies})
+            source = f"copies: {transforms}, n={copied}, seed={seed}"
         step = progress_steps(progress, (len(files) + len(copies)) * len(encoders))
         results = []
         for name, encoder in encoders:
@@ -150,7 +151,7 @@ def eval_duplicates(
     return DuplicatesReport(
         str(folder),
         source,
-        len(files) + len(copies),
+        len(paths),  # of the last model: every model reads the same files
         results[0].curve.positives,
         target_precision,
         DEFAULT_DUPLICATE_THRESHOLD,

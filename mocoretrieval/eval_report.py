@@ -46,11 +46,10 @@ class ModelRun:
 
 
 def choose_images(files: Sequence[str], n: int, seed: int) -> list[str]:
+    """The images in a seeded random order: copies are made of the first ``n`` readable ones."""
     if n < 1:
         raise DatasetError(f"--n must be at least 1, got {n}")
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(files), size=min(n, len(files)), replace=False)
-    return [files[i] for i in sorted(picked)]
+    return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
 
 
 def folder_images(folder: str | Path) -> list[str]:

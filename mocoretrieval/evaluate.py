@@ -88,7 +88,7 @@ def eval_copies(
     """
     preset = get_preset(transforms)
     files = folder_images(folder)
-    originals = choose_images(files, n, seed)
+    order = choose_images(files, n, seed)
     encoders = load_models(
         models,
         backend=backend,
@@ -99,7 +99,7 @@ def eval_copies(
         notify=notify,
     )
     with tempfile.TemporaryDirectory(prefix="mocoretrieval-copies-") as tmp:
-        copies, unreadable = make_copies(folder, originals, tmp, transforms, seed)
+        copies, _ = make_copies(folder, order, tmp, transforms, seed, limit=n)
         kind_of = {c.path: c for c in copies}
         step = progress_steps(progress, (len(files) + len(copies)) * len(encoders))
         results: list[CopiesResult] = []
@@ -137,7 +137,7 @@ def eval_copies(
         str(folder),
         transforms,
         seed,
-        len(originals) - len(unreadable),
+        len({c.original for c in copies}),
         len(files) - len(set(files) & {path for path, _ in skipped}),
         [*kinds_of(preset), ALL],
         results,

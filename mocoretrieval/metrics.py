@@ -18,6 +18,9 @@ import torch
 # InstDisc (Wu et al. 2018) and MoCo's kNN monitor: neighbours vote with weight exp(sim / T).
 KNN_TEMPERATURE = 0.1
 RECALL_KS = (1, 5, 10)
+# Similarities this close are ties: float32 products of identical vectors differ by a few ulps
+# depending on where BLAS puts them in a batch.
+TIE = 1e-6
 
 
 @dataclass
@@ -58,8 +61,8 @@ def target_ranks(
     for s in range(0, len(queries), chunk):
         sim = queries[s : s + chunk] @ gallery.T  # (c, M)
         t = sim[np.arange(len(sim)), targets[s : s + chunk]][:, None]  # (c, 1)
-        better[s : s + chunk] = (sim > t).sum(1)
-        tied[s : s + chunk] = (sim == t).sum(1) - 1
+        better[s : s + chunk] = (sim > t + TIE).sum(1)
+        tied[s : s + chunk] = (np.abs(sim - t) <= TIE).sum(1) - 1
     return better, tied
 
 
@@ -258,7 +261,7 @@ def duplicate_precision_recall(vectors: np.ndarray, groups: Sequence[int]) -> Pr
         right += sum(c * members[large][g] for g, c in members[small].items())
         members[large].update(members[small])
         parent[small] = large
-        if thresholds and thresholds[-1] == sim:  # one threshold merges all its pairs at once
+        if thresholds and thresholds[-1] - sim <= TIE:  # one threshold merges its pairs at once
             thresholds.pop(), precision.pop(), recall.pop()
         thresholds.append(sim)
         precision.append(right / found)

@@ -34,7 +34,7 @@ def test_identity_features_score_recall_one():
 
 def test_constant_features_score_exactly_chance():
     """Every item ties with the target: recall@k is k / M in expectation, and AP the mean of
-    1/rank over ranks 1..M. Counting ties as better (``sim >= t`` in target_ranks) makes
+    1/rank over ranks 1..M. Counting ties as better (``sim >= t - TIE`` in target_ranks) makes
     recall 0 and fails this test; taking the first of the ties would make it 1."""
     m = 40
     const = np.ones((m, 8), np.float32) / math.sqrt(8)
@@ -122,7 +122,9 @@ def test_duplicate_curve_of_two_pairs():
     x = _angles([0, 10, 45, 50])
     curve = duplicate_precision_recall(x, ["a", "a", "b", "b"])
     assert curve.positives == 2
-    assert np.degrees(np.arccos(np.minimum(curve.thresholds, 1))) == pytest.approx([5, 10, 35], abs=1e-3)
+    assert np.degrees(np.arccos(np.minimum(curve.thresholds, 1))) == pytest.approx(
+        [5, 10, 35], abs=1e-3
+    )
     assert curve.precision.tolist() == pytest.approx([1, 1, 2 / 6])
     assert curve.recall.tolist() == pytest.approx([0.5, 1, 1])
     assert curve.threshold_for(0.9) == pytest.approx(math.cos(math.radians(10)))
