@@ -75,7 +75,8 @@ def _cmd_copies(args: argparse.Namespace) -> int:
     )
     print(*_legend(names), sep="\n")
     width = 6 * len(_METRICS) + len(_METRICS) - 1
-    print(f"{'':<10}" + "".join(f" | {f'[{i}]':^{width}}" for i in range(1, len(names) + 1)))
+    groups = "".join(f" | {f'[{i}]':^{width}}" for i in range(1, len(names) + 1))
+    print(f"{'':<10}{groups}".rstrip())
     print(f"{'edit':<10}" + f" | {' '.join(f'{m:>6}' for m in _METRICS)}" * len(names))
     for kind in report.kinds:
         cells = "".join(f" | {_cells(_row(r.scores[kind]))}" for r in report.results)
