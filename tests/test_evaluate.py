@@ -184,3 +184,29 @@ def test_cli_duplicates_with_groups_csv_draws_a_plot(photos, tmp_path, capsys):
     groups.write_text("nothere.jpg,a\n")
     assert main([*argv, "--plot", str(plot)]) == 1
     assert "nothere.jpg" in capsys.readouterr().err
+
+
+def test_duplicates_curve_counts_what_the_index_groups(photos, tiny_encoder):
+    """At any threshold, the pairs the curve counts as found are the pairs that
+    ImageIndex.duplicates puts in one group (connected components, not single pairs)."""
+    from itertools import combinations
+
+    from mocoretrieval import ImageIndex
+    from mocoretrieval.metrics import duplicate_precision_recall
+
+    index = ImageIndex.create(photos, tiny_encoder)
+    index.update(workers=0)
+    files = walk_images(photos)
+    got = embed_files(tiny_encoder, photos, files, workers=0)  # the index's own vectors
+    known = [int(p[4:8]) % 3 for p in got.paths]  # any known grouping will do
+    curve = duplicate_precision_recall(got.vectors, known)
+    group_of = dict(zip(got.paths, known))
+    for t in curve.thresholds[[2, len(curve.thresholds) // 2, -3]] - 1e-5:
+        found = [
+            (a, b)
+            for g in index.duplicates(float(t))
+            for a, b in combinations([Path(r.path).name for r in g], 2)
+        ]
+        right = sum(group_of[a] == group_of[b] for a, b in found)
+        assert curve.at(float(t)) == pytest.approx((right / len(found), right / curve.positives))
+    index.close()
