@@ -8,6 +8,7 @@ from .encoder import MoCoEncoder
 from .errors import (
     BackendError,
     CheckpointError,
+    DatasetError,
     ImageError,
     IndexFormatError,
     MoCoRetrievalError,
@@ -41,6 +42,7 @@ __all__ = [
     "OFFICIAL",
     "BackendError",
     "CheckpointError",
+    "DatasetError",
     "EmbeddedBatch",
     "ImageError",
     "ImageIndex",

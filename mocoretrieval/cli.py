@@ -332,6 +332,12 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .cli_eval import add_eval  # its own file: three tasks and their tables
+
+    add_eval(sub)
+
+
 # Subcommand registrars, in the order `--help` lists them. Features add theirs here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
@@ -340,6 +346,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_search,
     _add_duplicates,
     _add_info,
+    _add_eval,
     _add_serve,
 ]
 

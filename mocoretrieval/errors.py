@@ -27,6 +27,10 @@ class IndexFormatError(MoCoRetrievalError):
     """An index directory is missing, corrupted or of an unsupported format."""
 
 
+class DatasetError(MoCoRetrievalError):
+    """A dataset (IDX files, a labeled or unlabeled image folder) is missing, empty or unusable."""
+
+
 class BackendError(MoCoRetrievalError):
     """An inference backend (torch, onnxruntime) or an exported model cannot be used as asked."""
 

@@ -1,5 +1,8 @@
 """Training data: unlabeled image folders, labeled validation folders, Fashion-MNIST (IDX).
 
+The Fashion-MNIST reader lives in :mod:`mocoretrieval.datasets` (evaluation reads it too) and is
+re-exported here.
+
 Image folders are decoded by data-loader workers into two PIL-augmented views; Fashion-MNIST
 is held in memory as one uint8 tensor and augmented batch-wise on the training device. The
 data order comes from :class:`EpochSampler`, a pure function of (seed, epoch), so a resumed
@@ -8,96 +11,28 @@ run reads the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import functools
-import gzip
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mocoretrieval.data import IMAGE_EXTENSIONS, load_image, walk_images
-from mocoretrieval.errors import ImageError, MoCoRetrievalError
+from mocoretrieval.datasets import (  # noqa: F401 (re-exported: training reads them from here)
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    fashion_mnist,
+    read_idx,
+)
+from mocoretrieval.errors import DatasetError, ImageError
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
-FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)  # measured on the 60k training images
-FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class TrainingDataError(MoCoRetrievalError):
-    """Training data is missing, empty or unreadable."""
-
-
-# --- Fashion-MNIST --------------------------------------------------------------------------
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Reads an IDX file (LeCun's MNIST format), gzip'd or not, into a read-only array."""
-    path = Path(path)
-    stat = path.stat() if path.is_file() else None
-    return _read_idx_cached(path, stat.st_mtime_ns if stat else 0)
-
-
-@functools.lru_cache(maxsize=4)  # a run reads the training images twice (train, kNN bank)
-def _read_idx_cached(path: Path, mtime_ns: int) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise TrainingDataError(f"cannot read {path} ({e}); reinstall the dataset") from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise TrainingDataError(f"{path} is not an IDX file (bad magic number)")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    count = int(np.prod(dims))
-    offset = 4 + 4 * ndim
-    if len(data) - offset < count * dtype.itemsize:
-        raise TrainingDataError(f"{path} is truncated; reinstall the dataset")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
-    arr.flags.writeable = False
-    return arr
-
-
-def _idx_file(root: Path, stem: str) -> Path:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise TrainingDataError(
-        f"Fashion-MNIST file {stem}[.gz] not found in {root}; install it with "
-        "`apt-get install dataset-fashion-mnist` or pass --data-root to its folder"
-    )
-
-
-def fashion_mnist(
-    split: str = "train", root: str | Path = FASHION_MNIST_DIR, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST (Xiao et al. 2017) from its IDX files.
-
-    Args:
-        split: ``train`` (60,000 images) or ``test`` (10,000).
-        root: the folder with the four IDX files.
-        limit: keep the first ``limit`` images only.
-
-    Returns:
-        (images, labels): uint8 (N, 1, 28, 28) and int64 (N,).
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got {split!r}")
-    prefix = "train" if split == "train" else "t10k"
-    root = Path(root)
-    images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+# Training and evaluation share one bad-data error, raised by the readers they share.
+TrainingDataError = DatasetError
 
 
 # --- image folders --------------------------------------------------------------------------
