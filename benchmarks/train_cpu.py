@@ -31,15 +31,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import append_section  # noqa: E402
-from mocoretrieval.backbones import build_backbone  # noqa: E402
-from training.augment import BatchAugment  # noqa: E402
-from training.config import preset  # noqa: E402
-from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist  # noqa: E402
-from training.moco import build_moco  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.pretrain import train_step  # noqa: E402
-from training.runtime import autocast, resolve_precision, set_cpu_threads  # noqa: E402
+from results import append_section
+
+from mocoretrieval.backbones import build_backbone
+from training.augment import BatchAugment
+from training.config import preset
+from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from training.moco import build_moco
+from training.optim import build_optimizer
+from training.pretrain import train_step
+from training.runtime import autocast, resolve_precision, set_cpu_threads
 
 GOALS = {"v1": 0.6, "v2": 0.6, "v3": 0.3}
 CEILINGS = {"v1": 0.75, "v2": 0.75, "v3": 0.375}
@@ -123,13 +124,18 @@ def main() -> int:
             train_rates.append(rate(moco, args.batch_size, args.steps))
         p_med, t_med = statistics.median(plain_rates), statistics.median(train_rates)
         rows.append((version, p_med, t_med, t_med / p_med))
-        print(f"{version}: plain {p_med:.0f} img/s, training {t_med:.0f} img/s, "
-              f"ratio {t_med / p_med:.2f}", flush=True)
+        print(
+            f"{version}: plain {p_med:.0f} img/s, training {t_med:.0f} img/s, "
+            f"ratio {t_med / p_med:.2f}",
+            flush=True,
+        )
 
     lines = [
-        f"CPU: {torch.get_num_threads()} torch threads ({threads} set), precision {precision}, "
-        f"batch {args.batch_size}, ResNet-18 at 32 px (standard stem), channels_last; "
-        f"median of {args.rounds} alternating rounds of {args.steps} steps.",
+        (
+            f"CPU: {torch.get_num_threads()} torch threads ({threads} set), precision {precision}, "
+            f"batch {args.batch_size}, ResNet-18 at 32 px (standard stem), channels_last; "
+            f"median of {args.rounds} alternating rounds of {args.steps} steps."
+        ),
         "",
         "| version | plain fwd+bwd img/s | training img/s | ratio | goal | ceiling | met |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -7,8 +7,8 @@ import argparse
 import dataclasses
 
 from .config import NAMED, PretrainConfig, named_preset, preset
-from .runtime import PRECISIONS
 from .loaders import DataOptions
+from .runtime import PRECISIONS
 
 _SKIP = {"extra"}
 

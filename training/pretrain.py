@@ -99,6 +99,7 @@ def evaluate_knn(
 def pixel_knn(sets: KnnSets, cfg: PretrainConfig) -> float:
     """The same kNN protocol on raw pixels (L2-normalised), the floor a learned feature must
     beat: on Fashion-MNIST the 28x28 images in [0, 1], else the model's input pixels."""
+
     def flat(batches: list[torch.Tensor]) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.cat([b.flatten(1) for b in batches]).float())
 
