@@ -93,7 +93,7 @@ def config_from_args(args: argparse.Namespace, fashion_mnist: bool) -> tuple[Pre
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     explicit = list(overrides)
     if getattr(args, "preset", None):
-        return named_preset(args.preset, **overrides), explicit
+        return named_preset(args.preset, overrides.pop("version", None), **overrides), explicit
     defaults = PretrainConfig.__dataclass_fields__
     version = overrides.pop("version", defaults["version"].default)
     arch = overrides.pop("arch", defaults["arch"].default)

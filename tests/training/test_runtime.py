@@ -157,6 +157,13 @@ def test_named_preset_and_cli_defaults():
     assert cfg.T == 0.2 and cfg.queue_size == 4096 and explicit == ["T"]
     with pytest.raises(ConfigError, match="unknown preset"):
         named_preset("nope")
+    for version in ("v1", "v3"):  # each version keeps its method, on the preset's budget
+        args = build_parser().parse_args(["--out-dir", "x", "--preset", "fmnist-cpu"])
+        args.version = version
+        cfg, _ = config_from_args(args, fashion_mnist=True)
+        assert cfg.version == version and cfg.arch == "resnet18" and cfg.batch_size == 256
+    assert named_preset("fmnist-cpu", "v3").queue_size == 0
+    assert named_preset("fmnist-cpu", "v1").proj_layers == 1
     # Without --version the CLI trains the config's default version.
     args = build_parser().parse_args(["--out-dir", "x"])
     cfg, _ = config_from_args(args, fashion_mnist=True)
