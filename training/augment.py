@@ -10,6 +10,7 @@ the GPU at the speed of the model instead of by CPU workers.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from .config import PretrainConfig
+from .config import ConfigError, PretrainConfig
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L") and torchvision
 
@@ -49,13 +50,51 @@ class PILSolarize:
         return ImageOps.solarize(img)
 
 
+class PILRotate:
+    """Rotation by an angle drawn uniformly from [-degrees, degrees], the corners filled grey."""
+
+    def __init__(self, degrees: float) -> None:
+        self.degrees = degrees
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        angle = random.uniform(-self.degrees, self.degrees)
+        return img.rotate(angle, resample=Image.BILINEAR, fillcolor=(124, 116, 104))
+
+
+class PILDownscale:
+    """Downscales to a side fraction drawn from ``scale`` and back: the detail a resized copy
+    of a photo has lost."""
+
+    def __init__(self, scale: Sequence[float]) -> None:
+        self.scale = tuple(scale)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        f = random.uniform(*self.scale)
+        small = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+        return img.resize(small, Image.BILINEAR).resize(img.size, Image.BILINEAR)
+
+
+class PILJpeg:
+    """Re-encodes as JPEG at a quality drawn from ``quality`` (block and ringing artefacts)."""
+
+    def __init__(self, quality: Sequence[int]) -> None:
+        self.quality = tuple(quality)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=random.randint(*self.quality))
+        buf.seek(0)
+        return Image.open(buf).convert("RGB")
+
+
 def pil_view_transform(
     cfg: PretrainConfig, view: int, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The torchvision pipeline of view ``view`` (0 or 1) for PIL images."""
     from torchvision import transforms as T
 
-    steps: list = [T.RandomResizedCrop(cfg.input_size, scale=(cfg.crop_min, 1.0))]
+    steps: list = [PILRotate(cfg.rotate_deg)] if cfg.rotate_deg > 0 else []
+    steps.append(T.RandomResizedCrop(cfg.input_size, scale=(cfg.crop_min, 1.0)))
     if cfg.jitter_p > 0:
         steps.append(T.RandomApply([T.ColorJitter(*cfg.jitter)], p=cfg.jitter_p))
     if cfg.grayscale_p > 0:
@@ -66,6 +105,10 @@ def pil_view_transform(
         steps.append(T.RandomApply([PILSolarize()], p=cfg.solarize_p[view]))
     if cfg.flip_p > 0:
         steps.append(T.RandomHorizontalFlip(cfg.flip_p))
+    if cfg.downscale_p > 0:
+        steps.append(T.RandomApply([PILDownscale(cfg.downscale)], p=cfg.downscale_p))
+    if cfg.jpeg_p > 0:
+        steps.append(T.RandomApply([PILJpeg(cfg.jpeg_quality)], p=cfg.jpeg_p))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
@@ -118,6 +161,11 @@ class BatchAugment:
     def __init__(
         self, cfg: PretrainConfig, view: int, mean: Sequence[float], std: Sequence[float]
     ) -> None:
+        if cfg.rotate_deg > 0 or cfg.downscale_p > 0 or cfg.jpeg_p > 0:
+            raise ConfigError(
+                "rotate_deg, downscale_p and jpeg_p apply to image folders only; set them to 0 "
+                "for in-memory data sets such as Fashion-MNIST"
+            )
         self.cfg, self.view = cfg, view
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -93,6 +93,15 @@ class PretrainConfig:
     blur_p: tuple[float, float] = (0.5, 0.5)  # per view: [v2] 0.5; [v3] 1.0 / 0.1 (BYOL)
     solarize_p: tuple[float, float] = (0.0, 0.0)  # per view: [v3] 0 / 0.2 (BYOL)
     flip_p: float = 0.5
+    # Edits a copy of a photo goes through, for encoders meant to find copies (not in any MoCo
+    # paper; the copy-detection recipe of SSCD, Pizzi et al. CVPR 2022, trains with them):
+    # rotation by up to this many degrees, downscaling to a fraction of the crop's side and
+    # back, JPEG re-encoding at a quality in a range. Image folders only (PIL pipeline).
+    rotate_deg: float = 0.0
+    downscale_p: float = 0.0
+    downscale: tuple[float, float] = (0.3, 1.0)
+    jpeg_p: float = 0.0
+    jpeg_quality: tuple[int, int] = (25, 95)
     # Normalisation of the inputs; None: ImageNet statistics (or the dataset's own, if known).
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -127,6 +136,10 @@ class PretrainConfig:
             raise ConfigError(f"momentum m must be in [0, 1], got {self.m}")
         if self.epochs < 1 or self.batch_size < 1 or self.shuffle_bn_groups < 1:
             raise ConfigError("epochs, batch_size and shuffle_bn_groups must be positive")
+        if not (0 < self.downscale[0] <= self.downscale[1] <= 1):
+            raise ConfigError(f"downscale must be a range within (0, 1], got {self.downscale}")
+        if not (1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100):
+            raise ConfigError(f"jpeg_quality must be within [1, 100], got {self.jpeg_quality}")
         if not self.is_vit:
             smallest = 8 if self.small_stem else MIN_STANDARD_STEM_SIZE
             if self.input_size < smallest:

@@ -134,3 +134,33 @@ def test_knn_accuracy_leave_one_out_ignores_self():
     y = torch.arange(10)  # every label unique: only self-matches could be right
     assert knn_accuracy(x, y, k=3) == 0.0
     assert knn_accuracy(x, y, x, y, k=1) == 1.0
+
+
+def test_copy_edits_in_the_pil_pipeline():
+    """Rotation, downscaling and JPEG re-encoding, the edits copies of photos go through."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from training.augment import PILDownscale, PILJpeg, PILRotate, pil_view_transform
+    from training.config import ConfigError
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    random.seed(0)
+    pixels = np.asarray(img, dtype=np.float32)
+    for edit in (PILRotate(10), PILDownscale((0.3, 0.3)), PILJpeg((25, 25))):
+        out = edit(img)
+        assert out.size == img.size and out.mode == "RGB"
+        assert np.abs(np.asarray(out, dtype=np.float32) - pixels).mean() > 5  # changed
+    # Downscaling to 30% and back removes the noise's fine detail: neighbours grow alike.
+    smooth = np.asarray(PILDownscale((0.3, 0.3))(img), dtype=np.float32)
+    assert np.abs(np.diff(smooth, axis=1)).mean() < 0.5 * np.abs(np.diff(pixels, axis=1)).mean()
+    cfg = preset("v2", "resnet18", input_size=32, rotate_deg=8, downscale_p=1.0, jpeg_p=1.0)
+    view = pil_view_transform(cfg, 0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    names = [type(t).__name__ for t in view.transforms]
+    assert names[0] == "PILRotate" and view(img).shape == (3, 32, 32)
+    assert sum("RandomApply" == n for n in names) >= 3  # downscale and JPEG are in
+    with pytest.raises(ConfigError, match="image folders only"):
+        BatchAugment(cfg, 0, (0.5,) * 3, (0.25,) * 3)
