@@ -29,13 +29,29 @@ def encoder_from_checkpoint(path: str | Path) -> MoCoEncoder:
     if not weights:
         raise CheckpointError(f"{path} holds no base encoder ('{_PREFIX}*' tensors)")
     knn = state.get("knn") or []
+    trained = [h for h in knn if h["epoch"] > 0]  # epoch 0 is the random init's floor
+    floor = next((h for h in knn if h["epoch"] == 0), {})
+    cfg = state["config"]
+    measured = None
+    if trained:
+        measured = (
+            f"kNN top-1 {trained[-1]['knn_acc']:.4f} (k={cfg['knn_k']}, T={cfg['knn_t']}) after "
+            f"epoch {trained[-1]['epoch']}"
+        )
+        if floor:
+            measured += (
+                f"; random init {floor['knn_acc']:.4f}, raw pixels {floor['pixels_knn_acc']:.4f}"
+            )
     extra: dict[str, Any] = {
         "trained_with": "mocoretrieval training.pretrain",
         "epochs_trained": state["epoch"],
         "steps": state["step"],
         "world_size": state.get("world_size", 1),
         "data": state.get("data"),
-        "knn_accuracy": knn[-1]["knn_acc"] if knn else None,
+        "knn_accuracy": trained[-1]["knn_acc"] if trained else None,
+        "knn_random_init": floor.get("knn_acc"),
+        "knn_pixels": floor.get("pixels_knn_acc"),
+        "measured": measured,
         "knn": {"k": state["config"]["knn_k"], "t": state["config"]["knn_t"], "history": knn},
         "training_config": state["config"],
     }

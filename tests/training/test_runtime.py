@@ -13,6 +13,7 @@ from training import checkpoint as ckpt_io
 from training import dist, runtime
 from training.args import build_parser, config_from_args
 from training.config import ConfigError, PretrainConfig, named_preset, preset
+from training.export import encoder_from_checkpoint
 from training.loaders import DataOptions
 from training.losses import info_nce_batch, info_nce_queue
 from training.moco import build_moco
@@ -146,6 +147,12 @@ def test_knn_monitor_reports_random_init_and_pixels_then_every_n_epochs(tmp_path
     assert evaluated == [1, 2]  # epoch index 1 (2nd epoch, every 2) and the last one
     history = ckpt_io.load(tmp_path)["knn"]
     assert [h["epoch"] for h in history] == [0, 2, 3]
+    # The model card carries the last epoch's accuracy, beside its floors, never the floor.
+    extra = encoder_from_checkpoint(tmp_path).extra
+    assert extra["knn_accuracy"] == history[-1]["knn_acc"]
+    assert extra["knn_random_init"] == history[0]["knn_acc"]
+    assert extra["knn_pixels"] == history[0]["pixels_knn_acc"]
+    assert "after epoch 3" in extra["measured"]
 
 
 def test_named_preset_and_cli_defaults():
