@@ -24,9 +24,12 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed over ``num_splits`` sub-batches.
 
     One process then normalises like ``num_splits`` GPUs would, each over its own share of the
-    batch; this is what makes shuffle-BN meaningful on one device (MoCo CIFAR demo). Sample
-    ``n`` belongs to sub-batch ``n % num_splits``. Parameters and buffers are those of
-    ``nn.BatchNorm2d``, so state dicts are interchangeable; evaluation uses running statistics.
+    batch; this is what makes shuffle-BN meaningful on one device (MoCo CIFAR demo). Sub-batch
+    ``g`` is the ``g``-th contiguous slice of the batch, as the ``g``-th GPU's share would be;
+    slices keep the input's memory layout (channels_last stays channels_last, where the demo's
+    reshape to (N/G, G*C, H, W) copies to NCHW and back around every BN). Parameters and buffers
+    are those of ``nn.BatchNorm2d``, so state dicts are interchangeable; evaluation uses running
+    statistics.
     """
 
     num_splits: int = 1
@@ -35,26 +38,23 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         g = self.num_splits
         if not self.training or g == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n = x.shape[0]
         if n % g:
             raise ValueError(f"batch of {n} does not split into {g} BN groups; change batch_size")
-        running_mean = self.running_mean.repeat(g)
-        running_var = self.running_var.repeat(g)
-        y = F.batch_norm(
-            x.reshape(n // g, g * c, h, w),  # (N/G, G*C, H, W): the groups side by side
-            running_mean,
-            running_var,
-            self.weight.repeat(g),
-            self.bias.repeat(g),
-            True,
-            0.1 if self.momentum is None else self.momentum,
-            self.eps,
-        )
+        momentum = 0.1 if self.momentum is None else self.momentum
+        outs, means, variances = [], [], []
+        for part in x.split(n // g):
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            outs.append(
+                F.batch_norm(part, mean, var, self.weight, self.bias, True, momentum, self.eps)
+            )
+            means.append(mean)
+            variances.append(var)
         with torch.no_grad():  # one set of running statistics: the mean over the groups
-            self.running_mean.copy_(running_mean.view(g, c).mean(0))
-            self.running_var.copy_(running_var.view(g, c).mean(0))
+            self.running_mean.copy_(torch.stack(means).mean(0))
+            self.running_var.copy_(torch.stack(variances).mean(0))
             self.num_batches_tracked.add_(1)
-        return y.reshape(n, c, h, w)
+        return torch.cat(outs)
 
 
 def use_split_bn(module: nn.Module, num_splits: int) -> None:
