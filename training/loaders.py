@@ -69,8 +69,11 @@ class TensorPairs:
         return self.images.shape[0]
 
     def epoch(self, sampler: EpochSampler, device: torch.device) -> Pairs:
-        for idx in sampler.batches():
-            x = self.images[torch.tensor(idx, device=self.images.device)]
+        # The epoch's indices go to the device in one copy: a copy per step from host memory
+        # would make every step wait for the GPU to drain its queue.
+        order = torch.tensor(sampler.batches(), device=self.images.device)  # (steps, B)
+        for idx in order:
+            x = self.images[idx]
             yield self.aug[0](x), self.aug[1](x)
 
 
