@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,13 +241,11 @@ def _top(row: np.ndarray, query_id: int) -> set[int]:
 
 def save(index: Any, path: str | Path) -> int:
     """Writes ``index`` atomically (temporary file, fsync, rename); returns its size in bytes."""
+    from .layout import replace_atomic
+
     faiss = faiss_module()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: faiss.write_index(index, tmp))
     return path.stat().st_size
 
 

@@ -14,8 +14,11 @@ An index directory (by default ``ROOT/.mocoretrieval/``) holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,15 +40,42 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def replace_atomic(path: Path, write: Callable[[str], None], mode: int = 0o644) -> None:
+    """Has ``write(tmp)`` fill a unique temporary file next to ``path``, syncs it, renames it
+    over ``path`` and syncs the folder.
+
+    The temporary name is unique (``mkstemp`` in the same folder): two writers never write into
+    one file, and a crash leaves at worst a stray ``.name.*.tmp``, never a torn ``path``.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)  # mkstemp makes it 0600
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Writes JSON to a temporary file, syncs it, then renames it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes JSON to ``path`` atomically (see :func:`replace_atomic`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    replace_atomic(path, write)
 
 
 def find_index_dir(path: str | Path | None = None) -> Path:
