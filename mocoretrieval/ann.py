@@ -66,6 +66,8 @@ def auto_factory(n: int, dim: int) -> str:
 
 def check_factory(factory: str, dim: int) -> None:
     """Raises a clear error when ``factory`` is not a FAISS factory string for ``dim``-d vectors."""
+    if factory == "auto":
+        return
     faiss = faiss_module()
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -74,6 +76,22 @@ def check_factory(factory: str, dim: int) -> None:
             f"--index-type {factory!r} is not a FAISS factory string for {dim}-d vectors "
             f"({_first_line(e)}); try 'Flat', 'IVF1024,Flat' or 'HNSW32,Flat'"
         ) from e
+
+
+def check_buildable(factory: str, n: int, dim: int) -> None:
+    """Raises a clear error, before any work, when ``factory`` cannot be trained on ``n``
+    vectors: an IVF index needs at least one vector per list (k-means)."""
+    check_factory(factory, dim)
+    if factory == "auto":
+        return
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    if ivf is not None and n < ivf.nlist:
+        raise MoCoRetrievalError(
+            f"--index-type {factory!r} has {ivf.nlist} lists and needs at least as many images; "
+            f"the folder has {n}: use fewer lists (e.g. 'IVF{max(1, n // 40)},Flat') or "
+            "'auto' (the default)"
+        )
 
 
 @dataclass

@@ -31,6 +31,18 @@ class DatasetError(MoCoRetrievalError):
     """A dataset (IDX files, a labeled or unlabeled image folder) is missing, empty or unusable."""
 
 
+class IndexChangedError(IndexFormatError):
+    """A writer changed the index (e.g. re-embedded it with another model) during a read."""
+
+
+class IndexBusyError(MoCoRetrievalError):
+    """Another process is updating the index."""
+
+
+class DiskFullError(MoCoRetrievalError):
+    """A write failed for lack of space; what was committed before it is kept."""
+
+
 class BackendError(MoCoRetrievalError):
     """An inference backend (torch, onnxruntime) or an exported model cannot be used as asked."""
 

@@ -9,7 +9,6 @@ rebuilt from the stored vectors — never by the model — and replaced atomical
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,8 @@ class FaissFile:
         """Makes sure ``index.faiss`` matches the database, rebuilding it from the stored
         vectors when it is missing, corrupt or stale. ``load`` also loads it for searching."""
         generation = self.store.generation  # before the vectors: a later write means stale
-        if self.index is not None and self.generation == generation:
+        held = self.index is not None and self.generation == generation
+        if held and (not save or self._fresh(generation)):  # a writer also repairs the file
             return
         if self._fresh(generation):
             if not load:
@@ -84,10 +84,10 @@ class FaissFile:
                 )
             except IndexFormatError as e:
                 log.warning("%s; rebuilding it from the stored vectors", e)
-        self._rebuild(generation, save=save)
+        self._rebuild(save=save)
 
-    def _rebuild(self, generation: int, *, save: bool) -> None:
-        ids, vectors = self.store.all_vectors()
+    def _rebuild(self, *, save: bool) -> None:
+        generation, ids, vectors = self.store.snapshot()  # one state, whatever commits meanwhile
         requested = self.manifest["index_type"]
         factory = ann.auto_factory(len(ids), self.store.dim) if requested == "auto" else requested
         trained = self._reusable_training(requested, len(ids))
@@ -146,6 +146,10 @@ class FaissFile:
         return ann.BuiltIndex(index=index, factory=entry["factory"], trained_on=trained_on)
 
     def get(self) -> Any:
-        """The FAISS index, fresh; saved again when rebuilt and the directory is writable."""
-        self.refresh(save=os.access(self.file.parent, os.W_OK), load=True)
+        """The FAISS index, fresh, for searching; rebuilt in memory when the file is stale.
+
+        Never saved from here: a reader does not hold the lock, and its manifest may be older
+        than the last writer's. The next ``mocoretrieval index`` saves a fresh file.
+        """
+        self.refresh(save=False, load=True)
         return self.index

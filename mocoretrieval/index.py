@@ -20,12 +20,13 @@ from PIL import Image
 
 from . import ann, embed
 from .data import load_image, walk_images
-from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
+from .errors import ImageError, IndexChangedError, MoCoRetrievalError, ModelMismatchError
 from .faiss_file import FaissFile
 from .layout import (
     DATABASE,
     DEFAULT_DIRNAME,
     FORMAT_VERSION,
+    LOCK_FILE,
     MANIFEST,
     UpdateLock,
     find_index_dir,
@@ -95,6 +96,15 @@ class DeferredModel:
         self.load = load
 
 
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """Identifies one version of a file replaced by rename: (inode, mtime, size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _load_encoder(model: Any, device: str | None) -> tuple[Any, str | None]:
     """``(encoder, source)`` from a source string/path, an encoder or a DeferredModel."""
     if isinstance(model, DeferredModel):
@@ -112,6 +122,11 @@ class ImageIndex:
 
     Use :meth:`build` (create or reuse, then update), :meth:`create` or :meth:`open`; the
     constructor is internal.
+
+    An opened index is a reader: it never writes to the index directory, and before each
+    search it notices a newer manifest (another process updated or rebuilt the index) and
+    reloads it. Only :meth:`update` writes, holding the directory's lock from its first change
+    to its last, so a run refused for the lock changes nothing.
     """
 
     def __init__(
@@ -120,18 +135,25 @@ class ImageIndex:
         manifest: dict[str, Any],
         encoder: Any = None,
         device: str | None = None,
+        *,
+        readonly: bool = True,
     ) -> None:
         self.path = index_dir
         self.manifest = manifest
+        self._manifest_key = _file_key(index_dir / MANIFEST)
         root = Path(manifest["root"])
         self.root = root if root.is_absolute() else (index_dir / root).resolve()
         self.dim = int(manifest["encoder"]["dim"])
-        self.store = Store(index_dir / DATABASE, self.dim)
+        self.store = Store(index_dir / DATABASE, self.dim, readonly=readonly)
         self._encoder = encoder
         self._deferred: DeferredModel | None = None
         self._device = device
         self.faiss = FaissFile(index_dir, self.store, self.manifest, self._save_manifest)
         self.last_report: UpdateReport | None = None
+        # Asked for by create() and applied by update() under the lock: (encoder, source) to
+        # re-embed everything with, and a FAISS factory string to switch to.
+        self._pending_reset: tuple[Any, str | None] | None = None
+        self._pending_index_type: str | None = None
 
     # --- creating and opening -------------------------------------------------------------
 
@@ -147,6 +169,9 @@ class ImageIndex:
         device: str | None = None,
     ) -> ImageIndex:
         """Creates the index of ``root``, or reuses the one already there.
+
+        An existing index is not changed here: a rebuild and a new index type are checked now
+        and applied by :meth:`update`, under the lock (``build`` calls it).
 
         Args:
             root: the image folder.
@@ -172,8 +197,12 @@ class ImageIndex:
                     f"the index at {index_dir} is the index of {index.root}, not of {root}: "
                     "pass another --index DIR"
                 )
+            dim = index.dim
             if rebuild:
-                index._reset(model)
+                index._pending_reset = _load_encoder(
+                    model if model is not None else index.manifest["encoder"]["source"], device
+                )
+                dim = int(index._pending_reset[0].dim)
             elif model is not None:
                 index._use_encoder(
                     model,
@@ -181,11 +210,10 @@ class ImageIndex:
                     "every image with the new model",
                 )
             if index_type is not None and index_type != index.manifest["index_type"]:
-                ann.check_factory(index_type, index.dim)
-                index.manifest["index_type"] = index_type
-                index._save_manifest()
+                ann.check_factory(index_type, dim)
+                index._pending_index_type = index_type
             return index
-        if index_dir.exists() and any(index_dir.iterdir()):
+        if index_dir.exists() and any(p.name != LOCK_FILE for p in index_dir.iterdir()):
             raise MoCoRetrievalError(
                 f"{index_dir} exists and is not a mocoretrieval index: pass another --index DIR"
             )
@@ -207,8 +235,16 @@ class ImageIndex:
             "last_update": None,
         }
         index_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(index_dir / MANIFEST, manifest)
-        return cls(index_dir, manifest, encoder=encoder, device=device)
+        with UpdateLock(index_dir):
+            if (index_dir / MANIFEST).is_file():
+                raise MoCoRetrievalError(
+                    f"another process created an index at {index_dir} meanwhile; run the "
+                    "command again to update that one"
+                )
+            index = cls(index_dir, manifest, encoder=encoder, device=device, readonly=False)
+            write_json_atomic(index_dir / MANIFEST, manifest)  # last: the database exists
+            index._manifest_key = _file_key(index_dir / MANIFEST)
+        return index
 
     @classmethod
     def build(
@@ -268,6 +304,7 @@ class ImageIndex:
         self.close()
 
     def __len__(self) -> int:
+        self._sync()
         return self.store.count()
 
     # --- the encoder ----------------------------------------------------------------------
@@ -316,10 +353,8 @@ class ImageIndex:
             )
         self._encoder = encoder
 
-    def _reset(self, model: Any) -> None:
-        encoder, source = _load_encoder(
-            model if model is not None else self.manifest["encoder"]["source"], self._device
-        )
+    def _reset(self, encoder: Any, source: str | None) -> None:
+        """Forgets every embedding and pins ``encoder``; only under the lock."""
         self.store.clear()  # first: a crash after it leaves an empty index, never a mixed one
         self.dim = self.store.dim = int(encoder.dim)  # the store is empty: any dim fits
         self.manifest["encoder"] = self._encoder_entry(encoder, source)
@@ -329,7 +364,45 @@ class ImageIndex:
         self.faiss.forget()
 
     def _save_manifest(self) -> None:
+        """Only under the lock, from a manifest read under it (see :meth:`update`)."""
         write_json_atomic(self.path / MANIFEST, self.manifest)
+        self._manifest_key = _file_key(self.path / MANIFEST)
+
+    def _sync(self) -> None:
+        """Reloads the manifest when another process replaced it (an update, a rebuild)."""
+        key = _file_key(self.path / MANIFEST)
+        if key == self._manifest_key:
+            return
+        manifest = read_manifest(self.path)
+        self._manifest_key = key
+        pin = manifest["encoder"]["weights_hash"]
+        if pin != self.manifest["encoder"]["weights_hash"]:
+            log.info("the index was re-embedded with %s; reloading", manifest["encoder"]["source"])
+            if self._encoder is not None and self._encoder.weights_hash() != pin:
+                self._encoder = None  # loaded again, from the new pin's source, when needed
+            self._deferred = None
+            self.faiss.forget()
+        self.manifest.clear()  # in place: the FAISS file shares this dict
+        self.manifest.update(manifest)
+        self.dim = self.store.dim = int(manifest["encoder"]["dim"])
+
+    def _writable(self) -> None:
+        """Reopens a store opened for reading for writing; only under the lock."""
+        if self.store.readonly:
+            self.store.close()
+            self.store = self.faiss.store = Store(self.path / DATABASE, self.dim)
+
+    def _faiss_index(self) -> Any:
+        """The FAISS index of the current manifest and database, for searching."""
+        for _ in range(3):
+            self._sync()
+            try:
+                return self.faiss.get()
+            except IndexChangedError:  # re-embedded between the manifest and the vectors
+                continue
+        raise IndexChangedError(
+            f"the index at {self.path} keeps being re-embedded; search again when it is done"
+        )
 
     # --- updating -------------------------------------------------------------------------
 
@@ -357,7 +430,15 @@ class ImageIndex:
         t0 = time.perf_counter()
         report = UpdateReport()
         with UpdateLock(self.path):
+            self._sync()  # the manifest as the last writer left it, not as this one read it
+            self._writable()
+            if self._pending_reset is not None:
+                self._reset(*self._pending_reset)
+                self._pending_reset = None
+            requested = self._pending_index_type
             stats = self._walk()
+            if requested is not None:  # before any model work: fail fast, change nothing
+                ann.check_buildable(requested, len(stats), self.dim)
             known = self.store.files()
             report.removed = sorted(set(known) - set(stats))
             self.store.remove(report.removed)
@@ -401,7 +482,17 @@ class ImageIndex:
                         f"a decoding worker died ({e}); the {done} files done so far are "
                         "saved: run the same command again to continue"
                     ) from e
-            self.faiss.refresh(save=True)
+            previous = self.manifest["index_type"]
+            if requested is not None:
+                self.manifest["index_type"] = requested
+            try:
+                self.faiss.refresh(save=True)  # saves the manifest only once the index is built
+            except MoCoRetrievalError as e:
+                self.manifest["index_type"] = previous  # a type FAISS cannot build is not kept
+                raise MoCoRetrievalError(
+                    f"{e}. The index keeps {previous!r}; the embeddings done are saved"
+                ) from e
+            self._pending_index_type = None
             self.manifest["last_update"] = now()
             self._save_manifest()
         report.seconds = time.perf_counter() - t0
@@ -467,8 +558,8 @@ class ImageIndex:
         """:meth:`search` for several queries at once (faster than one by one)."""
         if k < 1:
             raise MoCoRetrievalError(f"k must be at least 1, got {k}")
+        index = self._faiss_index()  # first: it reloads a newer manifest (and model)
         vectors = self.embed_queries(list(queries))
-        index = self.faiss.get()
         if index.ntotal == 0:
             return [[] for _ in queries]
         scores, ids = index.search(vectors, min(k, index.ntotal))
@@ -492,7 +583,7 @@ class ImageIndex:
         of the "similar enough" pairs, largest first; each member's score is its best similarity
         to another member.
         """
-        index = self.faiss.get()
+        index = self._faiss_index()
         parent: dict[int, int] = {}
         best: dict[int, float] = {}
 
@@ -522,6 +613,7 @@ class ImageIndex:
 
     def info(self) -> dict[str, Any]:
         """Model, count, dimension, index type, last update and skipped files."""
+        self._sync()
         faiss_entry = self.manifest.get("faiss") or {}
         encoder = self.manifest["encoder"]
         return {

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import IndexFormatError, MoCoRetrievalError
+from .errors import IndexBusyError, IndexFormatError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -134,13 +134,19 @@ class UpdateLock:
             import fcntl
         except ImportError:  # Windows: no advisory locks; SQLite still serialises the writes
             return self
-        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise IndexFormatError(
+                f"cannot lock {self.file} ({e.strerror or e}): updating an index needs write "
+                f"access to {self.file.parent}; `search`, `duplicates` and `info` work read-only"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
             self.fd = None
-            raise MoCoRetrievalError(
+            raise IndexBusyError(
                 f"another `mocoretrieval index` is updating {self.file.parent}; wait for it to end"
             ) from None
         return self

@@ -9,6 +9,7 @@ the generation it was built from, which is how a stale FAISS file is detected.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import IndexFormatError
+from .errors import DiskFullError, IndexChangedError, IndexFormatError, MoCoRetrievalError
 
 SCHEMA_VERSION = 1
 
@@ -73,6 +74,35 @@ class StoredThumbnail(NamedTuple):
     jpeg: bytes
 
 
+def database_error(path: Path, e: sqlite3.Error) -> MoCoRetrievalError:
+    """The domain error for a failed SQLite call: what happened and what to do, in one line.
+
+    Only a damaged file is worth deleting; a full disk or a read-only folder is not.
+    """
+    text = str(e)
+    lower = text.lower()
+    if "full" in lower:
+        return DiskFullError(
+            f"the disk holding {path} is full ({text}); the work committed so far is kept: "
+            "free some space and run the same command again"
+        )
+    if "readonly" in lower or "read-only" in lower or "unable to open" in lower:
+        return IndexFormatError(
+            f"cannot write the index database {path} ({text}): updating an index needs write "
+            f"access to {path.parent}; `search`, `duplicates` and `info` work read-only"
+        )
+    if "locked" in lower or "busy" in lower:
+        return IndexFormatError(
+            f"the index database {path} is busy ({text}); wait for the other process and retry"
+        )
+    if "not a database" in lower or "malformed" in lower or "corrupt" in lower:
+        return IndexFormatError(
+            f"the index database {path} is damaged ({text}). Delete the index directory and "
+            "run `mocoretrieval index` again"
+        )
+    return IndexFormatError(f"cannot use the index database {path}: {text}")
+
+
 class Store:
     """The SQLite database of one index directory.
 
@@ -86,10 +116,10 @@ class Store:
         self.path = Path(path)
         self.dim = int(dim)
         self._lock = threading.Lock()  # one connection shared by threads (e.g. a web app)
+        self.readonly = readonly
         try:
             if readonly:
-                uri = f"file:{self.path}?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self._db = self._connect_readonly()
             else:
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
                 # WAL: readers never block the writer; FULL: a committed batch survives a power
@@ -101,11 +131,34 @@ class Store:
             if not readonly:
                 with self._db:
                     self._db.executescript(_THUMBNAILS)
-        except sqlite3.DatabaseError as e:
-            raise IndexFormatError(
-                f"cannot read the index database {self.path}: {e}. Delete the index directory "
-                "and run `mocoretrieval index` again"
-            ) from e
+        except sqlite3.Error as e:
+            raise database_error(self.path, e) from e
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A connection that never writes, also in a folder this process cannot write."""
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+            if not self.path.is_file():
+                raise
+        # A WAL database whose -shm file is gone, in a folder this process cannot write: SQLite
+        # reads it only as immutable (https://www.sqlite.org/wal.html#readonly). No writer can
+        # be at work in such a folder, so nothing changes under the reader.
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction; a full disk or a read-only file becomes a domain error."""
+        with self._lock:
+            try:
+                with self._db:
+                    yield
+            except sqlite3.OperationalError as e:
+                raise database_error(self.path, e) from e
 
     def _create_schema(self) -> None:
         with self._db:
@@ -174,16 +227,47 @@ class Store:
             last = int(ids[-1])
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored vector: ``(ids (N,) int64, vectors (N, dim) float32)``."""
-        n = self.count()
-        ids = np.empty(n, dtype=np.int64)
-        vectors = np.empty((n, self.dim), dtype=np.float32)
-        i = 0
-        for chunk_ids, chunk in self.iter_vectors():
-            ids[i : i + len(chunk_ids)] = chunk_ids
-            vectors[i : i + len(chunk_ids)] = chunk
-            i += len(chunk_ids)
-        return ids[:i], vectors[:i]
+        """Every stored vector: ``(ids (N,) int64, vectors (N, dim) float32)``, one snapshot."""
+        _, ids, vectors = self.snapshot()
+        return ids, vectors
+
+    def snapshot(self, chunk: int = 8192) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(generation, ids (N,) int64, vectors (N, dim) float32)`` read in one transaction.
+
+        A commit by another process in the middle changes nothing of what is returned (WAL
+        readers see the database as of their first read). Rows are streamed ``chunk`` at a time
+        straight into the output array: memory is the array, not the rows on top of it.
+
+        Raises:
+            IndexChangedError: the stored vectors are not ``dim``-dimensional: a writer
+                re-embedded the index with another model since its manifest was read.
+        """
+        size = 4 * self.dim
+        with self._lock:
+            self._db.execute("BEGIN")  # deferred: a read transaction, every read one state
+            try:
+                generation = int(
+                    self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
+                )
+                n = self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+                ids = np.empty(n, dtype=np.int64)
+                vectors = np.empty((n, self.dim), dtype=np.float32)
+                cursor = self._db.execute("SELECT id, vector FROM vectors ORDER BY id")
+                i = 0
+                while rows := cursor.fetchmany(chunk):
+                    if any(len(r[1]) != size for r in rows):
+                        raise IndexChangedError(
+                            f"{self.path} holds vectors of another dimension than {self.dim}: "
+                            "the index was re-embedded meanwhile; open it again"
+                        )
+                    ids[i : i + len(rows)] = [r[0] for r in rows]
+                    vectors[i : i + len(rows)] = np.frombuffer(
+                        b"".join(r[1] for r in rows), dtype="<f4"
+                    ).reshape(len(rows), self.dim)
+                    i += len(rows)
+            finally:
+                self._db.rollback()
+        return generation, ids, vectors
 
     def paths_of(self, vector_ids: Iterable[int]) -> dict[int, str]:
         """Relative paths of the given vector ids (unknown ids are left out)."""
@@ -228,7 +312,7 @@ class Store:
     # --- writing: each public method is one transaction ----------------------------------------
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._lock, self._db:
+        with self._writing():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def add_batch(
@@ -258,9 +342,11 @@ class Store:
             raise ValueError(f"expected ({len(paths)}, {self.dim}) vectors, got {vectors.shape}")
         if thumbnails and len(thumbnails) != len(paths):
             raise ValueError(f"expected {len(paths)} thumbnails, got {len(thumbnails)}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("refusing to store non-finite (NaN or infinite) vectors")
         thumbs = thumbnails or [None] * len(paths)
         now = time.time()
-        with self._lock, self._db:
+        with self._writing():
             self._delete_vectors_of([*paths, *(s[0] for s in skipped)])
             for path, vector, stat, thumb in zip(paths, vectors, stats, thumbs):
                 cur = self._db.execute(
@@ -283,14 +369,14 @@ class Store:
         """Forgets files (and their vectors) in one transaction."""
         if not paths:
             return
-        with self._lock, self._db:
+        with self._writing():
             self._delete_vectors_of(paths)
             self._db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in paths])
             self._bump_generation()
 
     def clear(self) -> None:
         """Forgets every file and vector (a rebuild with another model)."""
-        with self._lock, self._db:
+        with self._writing():
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM vectors")
             self._db.execute("DELETE FROM thumbnails")
