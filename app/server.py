@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,27 @@ def launch_options(
         "enable_monitoring": False,
         "pwa": False,
     }
+
+
+@contextlib.contextmanager
+def private_cache() -> Iterator[Path]:
+    """A private folder (mode 0700) for Gradio's uploads and result thumbnails, removed at exit.
+
+    Gradio's default, ``<tmp>/gradio``, is shared by every user of the machine and the files in
+    it are world-readable: thumbnails of private photos would be readable by anyone logged in.
+    Set while the page is built and served (Gradio reads ``GRADIO_TEMP_DIR`` then).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mocoretrieval-app-"))  # 0700, this user's only
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch(
@@ -126,7 +151,8 @@ def serve(
 
     index = open_index(index_path, backend, device, notify)
     try:
-        page = build_app(index, k_default=k, max_upload_mb=max_upload_mb)
-        launch(page, host, port, share, max_upload_mb, block=True)
+        with private_cache():
+            page = build_app(index, k_default=k, max_upload_mb=max_upload_mb)
+            launch(page, host, port, share, max_upload_mb, block=True)
     finally:
         index.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from mocoretrieval.index import DEFAULT_DUPLICATE_THRESHOLD
 
@@ -36,6 +37,11 @@ def build_app(
     """
     k_default = views.clamp_k(k_default)
 
+    def search_upload(path: str, k: int) -> views.SearchOutcome:
+        # The payload is not preprocessed: only a file Gradio itself received may be read.
+        uploads = get_upload_folder()
+        return views.search_upload(index, path, k, max_upload_mb, upload_dir=uploads)
+
     def show(outcome: views.SearchOutcome, query: tuple[str, str] | None) -> tuple:
         return outcome.items, outcome.message, outcome.paths, query
 
@@ -43,7 +49,7 @@ def build_app(
         path = payload.get("path") if isinstance(payload, dict) else None
         if path is None:  # the query image was cleared
             return [], "", [], None
-        return show(views.search_upload(index, path, k, max_upload_mb), ("upload", path))
+        return show(search_upload(path, k), ("upload", path))
 
     def on_pick(paths: list[str], k: int, evt: gr.SelectData) -> tuple:
         rel = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
@@ -57,7 +63,7 @@ def build_app(
             return (gr.skip(),) * 4
         kind, value = query
         if kind == "upload":
-            return show(views.search_upload(index, value, k, max_upload_mb), query)
+            return show(search_upload(value, k), query)
         return show(views.search_indexed(index, value, k), query)
 
     def on_duplicates(threshold: float) -> tuple:

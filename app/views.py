@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -75,22 +76,35 @@ def relative_path(root: str | Path, path: str | Path) -> str:
     return p.as_posix()
 
 
-def check_upload(path: str | Path | None, max_mb: float = MAX_UPLOAD_MB) -> Path:
-    """Checks an uploaded file before decoding it: present, non-empty, not over the size limit.
+def check_upload(
+    path: str | Path | None, max_mb: float = MAX_UPLOAD_MB, upload_dir: str | Path | None = None
+) -> Path:
+    """Checks an uploaded file before decoding it: an upload, a regular file, non-empty, not
+    over the size limit.
 
     Gradio already refuses larger uploads (``max_file_size``); this repeats the bound so the
-    search functions are safe on their own.
+    search functions are safe on their own. The search handler receives the request's payload
+    unprocessed, so an API call can name any path: with ``upload_dir``, only a file whose real
+    path is inside it (where Gradio stores what it received) is accepted.
 
     Raises:
-        ImageError: no file, an empty file, or one over ``max_mb`` megabytes.
+        ImageError: no file, not an upload, not a regular file, an empty file, or one over
+            ``max_mb`` megabytes.
     """
     if path is None:
         raise ImageError("no image given: upload or paste one")
     p = Path(path)
+    if upload_dir is not None:
+        real, uploads = Path(os.path.realpath(p)), Path(os.path.realpath(upload_dir))
+        if not real.is_relative_to(uploads):
+            raise ImageError("not an uploaded file: upload the image instead", p.name)
     try:
-        size = p.stat().st_size
+        st = p.stat()
     except OSError:
         raise ImageError("the upload did not arrive; try again", p.name) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file", p.name)
+    size = st.st_size
     if size == 0:
         raise ImageError("empty file", p.name)
     if size > max_mb * 1e6:
@@ -181,15 +195,19 @@ def _guarded(fn, *args: Any) -> SearchOutcome:
 
 
 def search_upload(
-    index: Any, upload: str | Path | None, k: Any, max_mb: float = MAX_UPLOAD_MB
+    index: Any,
+    upload: str | Path | None,
+    k: Any,
+    max_mb: float = MAX_UPLOAD_MB,
+    upload_dir: str | Path | None = None,
 ) -> SearchOutcome:
-    """Searches with an uploaded or pasted image file."""
+    """Searches with an uploaded or pasted image file (inside ``upload_dir``, when given)."""
 
     def run() -> SearchOutcome:
         # Decoded here, as the indexer decodes files, so a bad upload gets its own reason.
         min_side = getattr(getattr(index, "encoder", None), "resize_size", None)
         try:
-            image = load_image(check_upload(upload, max_mb), min_side=min_side)
+            image = load_image(check_upload(upload, max_mb, upload_dir), min_side=min_side)
         except ImageError as e:  # name the user's file, not the server's copy of it
             raise ImageError(e.reason, Path(upload).name if upload else None) from e
         return _search(index, image, k)
