@@ -181,6 +181,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
             shown += 1
     if shown > 20:
         print(f"  ... and {shown - 20} more: see `mocoretrieval info`")
+    for folder, reason in report.unreadable.items():
+        print(f"  could not list {folder}/ ({reason}); its indexed images are kept")
     return 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,23 +51,49 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def walk_images(
+class Scan(NamedTuple):
+    """What :func:`scan_images` found under a root; every path is POSIX, relative to it.
+
+    Attributes:
+        files: the image files (or links to them) that can be read, with their ``os.stat``.
+        problems: image-named entries that cannot be indexed, and why (a broken link, a symlink
+            loop, a FIFO or other non-regular file, a name that is not UTF-8, shown with its
+            undecodable bytes escaped).
+        unreadable: folders that could not be listed, and why: what they held is unknown, not
+            deleted (``"."`` when the root itself could not be listed).
+    """
+
+    files: dict[str, os.stat_result]
+    problems: dict[str, str]
+    unreadable: dict[str, str]
+
+
+def _problem(full: str) -> tuple[os.stat_result | None, str | None]:
+    """``(stat, None)`` of a readable regular file, else ``(None, reason)``."""
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        return None, "broken link" if os.path.islink(full) else "vanished"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "symlink loop"
+        return None, f"unreadable: {(e.strerror or str(e)).lower()}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file (a FIFO)" if stat.S_ISFIFO(st.st_mode) else (
+            "not a regular file"
+        )
+    return st, None
+
+
+def scan_images(
     root: str | Path, exclude: Sequence[str | Path] = (), *, follow_symlinks: bool = False
-) -> list[str]:
-    """Lists the image files under ``root``, recursively, in a deterministic order.
+) -> Scan:
+    """Finds the image files under ``root``, and says what it could not use and why.
 
     Hidden files and folders (name starting with ``.``) and the folders in ``exclude`` (e.g. the
-    index's own folder) are skipped, and so, with a logged warning, are files whose path is not
-    valid UTF-8 (no index can store such a name). Symlinked files are listed; symlinked folders are only
-    entered with ``follow_symlinks``, and then never twice (no loops, no duplicates).
-
-    Args:
-        root: the folder to walk.
-        exclude: folders not to enter, absolute or relative to the current directory.
-        follow_symlinks: enter symlinked folders.
-
-    Returns:
-        Sorted POSIX paths relative to ``root``.
+    index's own folder) are not entered. Symlinked files are listed; symlinked folders are only
+    entered with ``follow_symlinks``, and then never twice (no loops, no duplicates). Only
+    regular files are listed: a FIFO named ``x.jpg`` would block whoever opens it.
 
     Raises:
         ImageError: ``root`` is not a folder.
@@ -75,10 +103,15 @@ def walk_images(
         raise ImageError("not a folder; pass the folder that holds your images", str(root))
     excluded = {os.path.realpath(p) for p in exclude}
     seen: set[tuple[int, int]] = set()
-    found: list[str] = []
+    files: dict[str, os.stat_result] = {}
+    problems: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
 
-    def on_error(err: OSError) -> None:  # an unreadable sub-folder is skipped, not fatal
-        logger.warning("skipping folder %s: %s", err.filename, err.strerror or err)
+    def on_error(err: OSError) -> None:  # an unreadable sub-folder is reported, not fatal
+        where = os.path.relpath(err.filename or root, root)
+        folder = _display(Path(where).as_posix())
+        unreadable[folder] = f"cannot list it: {(err.strerror or str(err)).lower()}"
+        logger.warning("cannot list folder %s: %s", folder, err.strerror or err)
 
     for dirpath, dirnames, filenames in os.walk(
         root, onerror=on_error, followlinks=follow_symlinks
@@ -101,14 +134,37 @@ def walk_images(
             path = (rel / name).as_posix()
             if not _is_utf8(path):
                 # Python holds the undecodable bytes as surrogates, which no index, JSON or
-                # SQLite text can store; skipping the file beats failing the whole run on it.
+                # SQLite text can store: the file is listed by its escaped name instead.
                 logger.warning(
                     "skipping %r: its name is not valid UTF-8; rename it to index it", path
                 )
+                problems[_display(path)] = "name is not valid UTF-8: rename it to index it"
                 continue
-            found.append(path)
-    found.sort()
-    return found
+            st, reason = _problem(os.path.join(dirpath, name))
+            if reason is not None:
+                problems[path] = reason
+            else:
+                files[path] = st
+    return Scan(dict(sorted(files.items())), dict(sorted(problems.items())), unreadable)
+
+
+def _display(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not are escaped as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def walk_images(
+    root: str | Path, exclude: Sequence[str | Path] = (), *, follow_symlinks: bool = False
+) -> list[str]:
+    """The readable image files under ``root``, as sorted POSIX paths relative to it.
+
+    See :func:`scan_images`, which also says what was left out and why (files that are not
+    regular, broken links, names that are not UTF-8, folders that cannot be listed).
+
+    Raises:
+        ImageError: ``root`` is not a folder.
+    """
+    return list(scan_images(root, exclude, follow_symlinks=follow_symlinks).files)
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -198,8 +254,17 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        # O_NONBLOCK: opening a FIFO (or a device) named like an image must not wait for a
+        # writer that never comes; anything but a regular file is refused before reading.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(
+                    "not a file" if stat.S_ISDIR(st.st_mode) else "not a regular file", path
+                )
+            os.set_blocking(fd, True)
+            if st.st_size == 0:
                 raise ImageError("empty file", path)
             # Pillow warns about odd but usable files (corrupt EXIF, palette transparency, the
             # bomb threshold): per-file noise in a bulk run, so it goes to the debug log.

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 4
 # The app's gallery thumbnails (app.thumbnails.THUMB_SIDE): made while the image is decoded.
 DEFAULT_THUMBNAIL_SIZE = 320
+# A file whose decoding takes longer is skipped as a stuck decoder. Draft-mode decoding of a
+# large photo takes well under a second; a minute is patience, not a limit on real files.
+DECODE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -230,6 +233,7 @@ def iter_embeddings(
     )
 
     def loader(chunk_lists: list[list[int]], num_workers: int = workers) -> DataLoader:
+        longest = max((len(c) for c in chunk_lists), default=1)
         return DataLoader(
             dataset,
             batch_sampler=chunk_lists,
@@ -238,6 +242,10 @@ def iter_embeddings(
             pin_memory=dev.type == "cuda",
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=False,
+            # Only workers can be timed out (and killed): a stuck decoder in this process
+            # would hang it, which is one more reason to decode in workers by default.
+            timeout=DECODE_TIMEOUT_S * longest if num_workers > 0 else 0,
+            worker_init_fn=die_with_parent if num_workers > 0 else None,
         )
 
     logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
@@ -257,6 +265,27 @@ def iter_embeddings(
 
 # What a DataLoader iterator raises when one of its workers dies (see worker_died).
 _LOADER_ERRORS = (RuntimeError, ConnectionError, EOFError)
+
+
+def die_with_parent(_worker_id: int = 0) -> None:
+    """Asks Linux to kill this process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    torch's workers notice a dead parent only between items; one stuck in a decoder would
+    outlive a killed ``mocoretrieval index``. Elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _timed_out(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and "DataLoader timed out" in str(e)
 
 
 def worker_died(e: BaseException) -> bool:
@@ -288,9 +317,14 @@ def _decoding(data: DataLoader) -> Iterator[DecodedBatch]:
     return decoded
 
 
-def _shut_down(decoded: Iterator[Any]) -> None:
+def _shut_down(decoded: Iterator[Any], kill: bool = False) -> None:
     """Stops a DataLoader iterator's workers now, not when it is garbage-collected (an
-    exception's traceback keeps it alive, and its live workers decoding ahead)."""
+    exception's traceback keeps it alive, and its live workers decoding ahead). ``kill``: they
+    are stuck (a decode timed out), so they are killed rather than waited for."""
+    if kill:
+        for w in getattr(decoded, "_workers", []):
+            if w.is_alive():
+                w.kill()
     shutdown = getattr(decoded, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
@@ -302,6 +336,9 @@ def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
     try:
         return next(decoded)
     except _LOADER_ERRORS as e:
+        if _timed_out(e):
+            _shut_down(decoded, kill=True)
+            return DecodedBatch([], None, [(i, f"decoding took over {DECODE_TIMEOUT_S:g} s")], [])
         if not worker_died(e):
             raise
         _shut_down(decoded)  # joins the worker: its exit code says which signal ended it
@@ -362,14 +399,14 @@ def _embed_batches(
                 b, first_chunk = b + 1, first_chunk + n
                 yield out
         except _LOADER_ERRORS as e:
-            if not worker_died(e):
+            if not (worker_died(e) or _timed_out(e)):
                 raise
-            _shut_down(decoded)
-            # A worker died: a file crashed the decoder (a segfault in a C library, the OOM
-            # killer). Every file of this batch is decoded alone, in a worker of its own, so
+            _shut_down(decoded, kill=_timed_out(e))
+            # A worker died (a segfault in a C library, the OOM killer) or is stuck in a
+            # decoder. Every file of this batch is decoded alone, in a worker of its own, so
             # the culprit is skipped with its reason; the next batches get fresh workers. The
             # crash may have come from a batch decoded ahead: then it recurs there, once.
-            logger.warning("a decoding worker died (%s); retrying files one by one", e)
+            logger.warning("a decoding worker failed (%s); retrying files one by one", e)
             n = chunks_per_batch[b]
             indices = [i for chunk in chunks[first_chunk : first_chunk + n] for i in chunk]
             out = finish([_decode_alone(loader, i) for i in indices])

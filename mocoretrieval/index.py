@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import ann, embed
-from .data import load_image, walk_images
+from .data import load_image, scan_images
 from .errors import ImageError, IndexChangedError, MoCoRetrievalError, ModelMismatchError
 from .faiss_file import FaissFile
 from .layout import (
@@ -68,6 +68,9 @@ class UpdateReport:
     updated: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> paths
+    # Folders that could not be listed (unmounted, no permission): folder -> reason. What the
+    # index holds under them is kept, not counted as deleted.
+    unreadable: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_s: float = 0.0
 
@@ -94,6 +97,11 @@ class DeferredModel:
 
     def __init__(self, load: Callable[[], Any]) -> None:
         self.load = load
+
+
+def _under(path: str, folders: dict[str, str]) -> bool:
+    """Whether ``path`` is inside one of ``folders`` (POSIX, relative; ``"."`` is the root)."""
+    return any(f == "." or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
 def _file_key(path: Path) -> tuple[int, int, int] | None:
@@ -436,12 +444,17 @@ class ImageIndex:
                 self._reset(*self._pending_reset)
                 self._pending_reset = None
             requested = self._pending_index_type
-            stats = self._walk()
+            stats, problems, report.unreadable = self._walk()
             if requested is not None:  # before any model work: fail fast, change nothing
                 ann.check_buildable(requested, len(stats), self.dim)
             known = self.store.files()
-            report.removed = sorted(set(known) - set(stats))
+            report.removed = sorted(
+                p
+                for p in set(known) - set(stats) - set(problems)
+                if not _under(p, report.unreadable)
+            )
             self.store.remove(report.removed)
+            self._record_problems(problems, known, report)
             todo = [p for p, st in stats.items() if p not in known or known[p][:2] != tuple(st)]
             if todo:
                 done = 0
@@ -508,16 +521,37 @@ class ImageIndex:
         )
         return report
 
-    def _walk(self) -> dict[str, FileStat]:
-        """Every image under the root with its size and mtime; files that vanish are left out."""
-        stats: dict[str, FileStat] = {}
-        for rel in walk_images(self.root, exclude=[self.path]):
+    def _walk(self) -> tuple[dict[str, FileStat], dict[str, tuple[str, FileStat]], dict[str, str]]:
+        """``(readable images -> size and mtime, unusable image entries -> (reason, stat),
+        folders that could not be listed -> reason)``."""
+        scan = scan_images(self.root, exclude=[self.path])
+        stats = {rel: FileStat(st.st_size, st.st_mtime_ns) for rel, st in scan.files.items()}
+        problems: dict[str, tuple[str, FileStat]] = {}
+        for rel, reason in scan.problems.items():
             try:
-                st = os.stat(self.root / rel)
-            except OSError:
-                continue
-            stats[rel] = FileStat(st.st_size, st.st_mtime_ns)
-        return stats
+                st = os.lstat(self.root / rel)
+                problems[rel] = (reason, FileStat(st.st_size, st.st_mtime_ns))
+            except (OSError, ValueError):  # e.g. the escaped name of a non-UTF-8 file
+                problems[rel] = (reason, FileStat(0, 0))
+        return stats, problems, scan.unreadable
+
+    def _record_problems(
+        self,
+        problems: dict[str, tuple[str, FileStat]],
+        known: dict[str, Any],
+        report: UpdateReport,
+    ) -> None:
+        """Stores the entries the walk could not use (broken links, FIFOs, ...) as skipped, so
+        that ``info`` lists them with their reason; each is reported once, when new."""
+        new = [
+            (p, reason, st)
+            for p, (reason, st) in problems.items()
+            if p not in known or (known[p].skip_reason, known[p][:2]) != (reason, tuple(st))
+        ]
+        if new:
+            self.store.add_batch([], np.zeros((0, self.dim), np.float32), [], skipped=new)
+        for p, reason, _ in new:
+            report.skipped.setdefault(reason, []).append(p)
 
     # --- searching ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from mocoretrieval.data import (
     collate,
     encode_thumbnail,
     load_image,
+    scan_images,
     to_rgb,
     walk_images,
 )
@@ -269,7 +270,8 @@ def test_vanished_file(tmp_path):
 
 def test_broken_link(tmp_path):
     os.symlink(tmp_path / "moved_away.jpg", tmp_path / "link.jpg")
-    assert walk_images(tmp_path) == ["link.jpg"]
+    assert walk_images(tmp_path) == []  # issue 13: listed by scan_images with its reason
+    assert scan_images(tmp_path).problems == {"link.jpg": "broken link"}
     with pytest.raises(ImageError) as info:
         load_image(tmp_path / "link.jpg")
     assert info.value.reason == "broken link"
@@ -299,7 +301,15 @@ def make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(file, *args, **kwargs)
 
+        real_os_open = os.open
+
+        def refusing_os_open(file, *args, **kwargs):  # load_image opens with O_NONBLOCK
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_os_open(file, *args, **kwargs)
+
         monkeypatch.setattr(builtins, "open", refusing_open)
+        monkeypatch.setattr(os, "open", refusing_os_open)
     return "unreadable: permission denied"
 
 
