@@ -52,6 +52,19 @@ class EmbeddedBatch:
     def __len__(self) -> int:
         return len(self.paths) + len(self.skipped)
 
+    def drop_non_finite(self) -> None:
+        """Moves the files whose embedding holds NaN or infinity to ``skipped``: such a vector
+        would poison every search (a NaN score sorts anywhere) and must never be stored."""
+        finite = np.isfinite(self.vectors).all(axis=1)
+        if finite.all():
+            return
+        reason = "embedding is not finite (NaN or infinity): check the model's config"
+        self.skipped += [(p, reason) for p, ok in zip(self.paths, finite) if not ok]
+        if self.thumbnails:
+            self.thumbnails = [t for t, ok in zip(self.thumbnails, finite) if ok]
+        self.paths = [p for p, ok in zip(self.paths, finite) if ok]
+        self.vectors = self.vectors[finite]
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The torch device to run on: ``device`` when given, else CUDA when available, else CPU.

@@ -15,8 +15,9 @@ from PIL import Image
 from torch import nn
 
 from .backbones import RESNETS, VITS, build_backbone, feature_dim
+from .errors import ConfigError
 from .heads import build_mlp
-from .preprocess import Preprocess
+from .preprocess import Preprocess, check_preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,8 +101,9 @@ class MoCoEncoder(
             raise ValueError(f"embedding must be 'backbone' or 'projection', got {embedding!r}")
         if embedding == "projection" and head is None:
             raise ValueError("embedding='projection' needs a projection head; pass head=...")
+        check_preprocessing(resize_size, input_size, mean, std)  # before any tensor is made
         if resize_size < input_size:
-            raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size})")
+            raise ConfigError(f"resize_size ({resize_size}) must be >= input_size ({input_size})")
         self.arch = arch
         self.moco_version = moco_version
         self.embedding = embedding

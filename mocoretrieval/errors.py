@@ -15,6 +15,10 @@ class CheckpointError(MoCoRetrievalError):
     """A checkpoint's content does not match what the encoder expects."""
 
 
+class ConfigError(CheckpointError, ValueError):
+    """A model config (config.json, ONNX metadata) holds a value no encoder can use."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint would run code when unpickled; it was refused, not run."""
 

@@ -470,6 +470,7 @@ class ImageIndex:
                 )
                 try:
                     for batch in batches:
+                        batch.drop_non_finite()
                         skipped = [(p, reason, stats[p]) for p, reason in batch.skipped]
                         self.store.add_batch(
                             batch.paths,

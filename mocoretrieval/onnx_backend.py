@@ -25,7 +25,7 @@ from .onnx_export import (
     read_metadata,
     sidecar_path,
 )
-from .preprocess import Preprocess
+from .preprocess import Preprocess, check_preprocessing
 
 __all__ = [
     "BACKENDS",
@@ -109,6 +109,14 @@ class OnnxEncoder:
         self.session = _session(self.path, opts, providers)
         self.meta = _parse_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self._config = dict(config if config is not None else self.meta["config"])
+        c = self._config
+        check_preprocessing(
+            c.get("resize_size"),
+            c.get("input_size"),
+            c.get("mean"),
+            c.get("std"),
+            where=f"the config in {self.path}",
+        )
         self.loaded_from: str | None = None  # the model source it was exported from, if known
         self.input_name = self.meta.get("input_name", self.session.get_inputs()[0].name)
         self.quantize: str | None = self.meta.get("quantize")

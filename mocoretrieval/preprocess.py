@@ -18,11 +18,54 @@ pixels the other way); tests compare the two.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .errors import ConfigError
+
+# The largest model input side accepted from a config. Official MoCo models take 224; 1024
+# already makes a batch of 32 images 400 MB of float32, and 6000 would need 4.6 GB per two.
+MAX_INPUT_SIZE = 1024
+MIN_INPUT_SIZE = 8
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_preprocessing(
+    resize_size: Any, input_size: Any, mean: Any, std: Any, where: str = "the model config"
+) -> None:
+    """Raises :class:`ConfigError`, naming the field and the fix, for a value that would crash
+    later or silently give NaN embeddings (``std`` 0, a 2-value ``mean``, a huge input)."""
+    for name, value in (("input_size", input_size), ("resize_size", resize_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
+    if not MIN_INPUT_SIZE <= input_size <= MAX_INPUT_SIZE:
+        raise ConfigError(
+            f"{where}: input_size {input_size} is outside [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]; "
+            "official MoCo models use 224"
+        )
+    if not MIN_INPUT_SIZE <= resize_size <= 2 * MAX_INPUT_SIZE:
+        raise ConfigError(
+            f"{where}: resize_size {resize_size} is outside [{MIN_INPUT_SIZE}, "
+            f"{2 * MAX_INPUT_SIZE}]; official MoCo models use 256"
+        )
+    for name, value in (("mean", mean), ("std", std)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+            raise ConfigError(f"{where}: {name} must be 3 numbers (R, G, B), got {value!r}")
+        if not all(_number(v) for v in value):
+            raise ConfigError(f"{where}: {name} must be 3 finite numbers, got {value!r}")
+    if not all(v > 0 for v in std):
+        raise ConfigError(
+            f"{where}: every std must be > 0 (it divides the pixels), got {list(std)}; "
+            "ImageNet's is [0.229, 0.224, 0.225]"
+        )
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -52,6 +95,7 @@ class Preprocess:
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
+        check_preprocessing(resize_size, input_size, mean, std)
         self.resize_size = int(resize_size)
         self.input_size = int(input_size)
         self.mean = tuple(float(m) for m in mean)
