@@ -30,6 +30,26 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Bytes per pixel of the decoded image, by Pillow mode (unknown modes count 4). The pixel
+# limit alone lets a 32-bit float image take 4/3 the memory of an RGB one at the same count.
+_MODE_BYTES = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "LA": 2,
+    "La": 2,
+    "PA": 2,
+    "I;16": 2,
+    "I;16L": 2,
+    "I;16B": 2,
+    "I;16N": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "LAB": 3,
+    "HSV": 3,
+}
+# The most bytes one decode may take: an RGB image at Pillow's pixel limit (about 270 MB).
+MAX_DECODE_BYTES = 3 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 # Stored thumbnails are viewed in a ~170 px gallery cell; 85 is Pillow's "visually near
 # lossless" range and keeps a 320 px JPEG around 15-25 kB.
 THUMBNAIL_QUALITY = 85
@@ -277,6 +297,9 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
                     raise ImageError(f"decompression bomb ({pixels} pixels)", path)
                 if min_side and img.format == "JPEG":
                     img.draft("RGB", (min_side, min_side))
+                n_bytes = img.width * img.height * _MODE_BYTES.get(img.mode, 4)
+                if n_bytes > MAX_DECODE_BYTES:
+                    raise ImageError(f"too large to decode ({n_bytes / 1e6:.0f} MB)", path)
                 img.load()
                 try:
                     ImageOps.exif_transpose(img, in_place=True)

@@ -454,6 +454,8 @@ class ImageIndex:
                 if not _under(p, report.unreadable)
             )
             self.store.remove(report.removed)
+            if report.removed:
+                self.store.vacuum_if_sparse()
             self._record_problems(problems, known, report)
             todo = [p for p, st in stats.items() if p not in known or known[p][:2] != tuple(st)]
             if todo:

@@ -382,6 +382,24 @@ class Store:
             self._db.execute("DELETE FROM thumbnails")
             self._bump_generation()
 
+    def vacuum_if_sparse(self, fraction: float = 0.25) -> bool:
+        """Rewrites the database (``VACUUM``) when over ``fraction`` of its pages are free, as
+        after many deletions; SQLite reuses free pages but never gives them back otherwise.
+
+        Returns:
+            Whether it vacuumed. Run by a writer, under the index lock; WAL readers go on.
+        """
+        with self._lock:
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            total = self._db.execute("PRAGMA page_count").fetchone()[0]
+            if not total or free / total <= fraction:
+                return False
+            try:
+                self._db.execute("VACUUM")
+            except sqlite3.OperationalError as e:
+                raise database_error(self.path, e) from e
+        return True
+
     def _delete_vectors_of(self, paths: Sequence[str]) -> None:
         self._db.executemany(
             "DELETE FROM thumbnails WHERE vector_id = (SELECT vector_id FROM files WHERE path=?)",
