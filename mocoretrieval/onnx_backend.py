@@ -22,6 +22,7 @@ from .onnx_export import (
     _parse_metadata,
     _session,
     export_onnx,
+    file_sha256,
     read_metadata,
     sidecar_path,
 )
@@ -282,13 +283,22 @@ def cached_onnx(
 
 
 def _usable(path: Path, weights_hash: str) -> bool:
+    """Whether the cached export at ``path`` is the one its exporter wrote for these weights:
+    its sidecar names the weights, and the file's content has the hash the exporter recorded
+    there (a file replaced or altered since, whatever its own metadata says, is exported again).
+    """
     if not path.is_file():
         return False
     try:
-        return read_metadata(path).get("weights_hash") == weights_hash
-    except (BackendError, ValueError) as e:
+        meta = json.loads(sidecar_path(path).read_text())
+        if meta.get("weights_hash") != weights_hash:
+            return False
+        if meta.get("file_sha256") == file_sha256(path):
+            return True
+        logger.warning("cached model %s does not match its recorded hash; exporting again", path)
+    except (OSError, ValueError) as e:
         logger.warning("ignoring unusable cached model %s: %s", path, e)
-        return False
+    return False
 
 
 def _cuda_available() -> bool:
@@ -363,9 +373,27 @@ def load_backend(
         encoder = MoCoEncoder.from_pretrained(source, device="cpu" if backend == "onnx" else device)
     if backend == "torch":
         return encoder.to(device).eval()
-    path = cached_onnx(
-        encoder, cache_dir, quantize, calibration_images, notify=notify, calibrated_on=calibrated_on
-    )
+    try:
+        path = cached_onnx(
+            encoder,
+            cache_dir,
+            quantize,
+            calibration_images,
+            notify=notify,
+            calibrated_on=calibrated_on,
+        )
+    except OSError as e:  # e.g. a read-only home, a full disk, a file where the folder goes
+        if quantize is not None:
+            raise BackendError(
+                f"cannot write the int8 model to the ONNX cache ({e}); set MOCORETRIEVAL_CACHE "
+                "to a writable folder"
+            ) from e
+        logger.warning(
+            "cannot use the ONNX cache (%s); embedding with torch instead (set "
+            "MOCORETRIEVAL_CACHE to a writable folder for onnxruntime)",
+            e,
+        )
+        return encoder.to(device).eval()
     logger.info("embedding with onnxruntime (%s)", path.name)
     onnx_encoder = OnnxEncoder(path, threads=threads, device=device, config=encoder.config)
     onnx_encoder.loaded_from = getattr(encoder, "loaded_from", None)

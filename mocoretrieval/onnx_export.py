@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,12 @@ def _metadata(encoder: MoCoEncoder, opset: int, quantize: str | None) -> dict[st
     }
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_metadata(path: str | Path, meta: dict[str, Any]) -> None:
     """Writes ``meta`` into the model's metadata_props and into its sidecar JSON."""
     import onnx
@@ -66,8 +73,7 @@ def write_metadata(path: str | Path, meta: dict[str, Any]) -> None:
     path = Path(path)
     model = onnx.load(str(path))
     _set_props(model, meta)
-    _save_single_file(model, path)
-    _write_sidecar(path, meta)
+    _write_sidecar(path, meta, _save_single_file(model, path))
 
 
 def _set_props(model: Any, meta: dict[str, Any]) -> None:
@@ -79,18 +85,23 @@ def _set_props(model: Any, meta: dict[str, Any]) -> None:
         prop.key, prop.value = META_PREFIX + key, json.dumps(value)
 
 
-def _save_single_file(model: Any, path: Path) -> None:
+def _save_single_file(model: Any, path: Path) -> str:
+    """Saves ``model`` atomically; returns the SHA-256 of what was written."""
     import onnx
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     onnx.save(model, str(tmp))
+    digest = file_sha256(tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return digest
 
 
-def _write_sidecar(path: Path, meta: dict[str, Any]) -> None:
+def _write_sidecar(path: Path, meta: dict[str, Any], digest: str) -> None:
+    """The sidecar repeats the metadata and records the model file's hash, which is how a
+    cached export proves its content (see ``onnx_backend.cached_onnx``), not only its label."""
     side = sidecar_path(path)
     tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.write_text(json.dumps({**meta, "file_sha256": digest}, indent=2) + "\n")
     os.replace(tmp, side)
 
 
@@ -154,8 +165,9 @@ def export_onnx(encoder: MoCoEncoder, path: str | Path, opset: int = 18) -> Path
         program.model.metadata_props[META_PREFIX + key] = json.dumps(value)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     program.save(tmp, external_data=False)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
-    _write_sidecar(path, meta)
+    _write_sidecar(path, meta, digest)
     logger.info("exported %s to %s", encoder.arch, path)
     return path
 
