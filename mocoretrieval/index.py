@@ -104,6 +104,12 @@ def _under(path: str, folders: dict[str, str]) -> bool:
     return any(f == "." or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
+def _display(text: str) -> str:
+    """Text from the database as safe to print: control characters escaped (a crafted name
+    must not drive the terminal)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _file_key(path: Path) -> tuple[int, int, int] | None:
     """Identifies one version of a file replaced by rename: (inode, mtime, size)."""
     try:
@@ -600,15 +606,23 @@ class ImageIndex:
         if index.ntotal == 0:
             return [[] for _ in queries]
         scores, ids = index.search(vectors, min(k, index.ntotal))
-        paths = self.store.paths_of(ids.ravel())
+        paths = self._stored_paths(ids.ravel())
         return [
-            [
-                SearchResult(str(self.root / paths[i]), float(s))
-                for s, i in zip(row_s, row_i)
-                if i in paths
-            ]
+            [SearchResult(paths[i], float(s)) for s, i in zip(row_s, row_i) if i in paths]
             for row_s, row_i in zip(scores, ids)
         ]
+
+    def _stored_paths(self, vector_ids: Any) -> dict[int, str]:
+        """Absolute paths of stored vector ids, normalised; the database is not trusted, so a
+        stored path that is absolute or leaves the root (``../../etc/passwd``) is left out."""
+        out: dict[int, str] = {}
+        for i, rel in self.store.paths_of(vector_ids).items():
+            norm = os.path.normpath(rel) if rel and "\x00" not in rel else ""
+            if not norm or norm in (".", "..") or os.path.isabs(norm) or norm.startswith("../"):
+                log.warning("ignoring stored path %s: it is not inside the root", _display(rel))
+                continue
+            out[i] = str(self.root / norm)
+        return out
 
     def duplicates(
         self, threshold: float = DEFAULT_DUPLICATE_THRESHOLD, *, batch: int = 1024
@@ -638,10 +652,10 @@ class ImageIndex:
         groups: dict[int, list[int]] = {}
         for i in best:
             groups.setdefault(find(i), []).append(i)
-        paths = self.store.paths_of(best)
+        paths = self._stored_paths(best)
         out = [
             sorted(
-                (SearchResult(str(self.root / paths[i]), best[i]) for i in members if i in paths),
+                (SearchResult(paths[i], best[i]) for i in members if i in paths),
                 key=lambda r: (-r.score, r.path),
             )
             for members in groups.values()
@@ -668,5 +682,5 @@ class ImageIndex:
             "recall_at_10": faiss_entry.get("recall_at_10"),
             "created": self.manifest["created"],
             "last_update": self.manifest["last_update"],
-            "skipped": self.store.skipped(),
+            "skipped": {_display(p): _display(r) for p, r in self.store.skipped().items()},
         }

@@ -81,10 +81,14 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def find_index_dir(path: str | Path | None = None) -> Path:
     """The index directory at ``path``: the directory itself, or ``path/.mocoretrieval``.
 
-    With ``path`` None, looks in the current directory and its parents, like git does.
+    With ``path`` None, looks in the current directory and its parents, like git does, and
+    stops where git stops: at a filesystem boundary (a mount point), so that a search under
+    ``/mnt/photos`` never picks an index up from ``/``. An index found that way but owned by
+    another user (e.g. a planted ``/tmp/.mocoretrieval``) is refused; pass it explicitly to
+    trust it.
 
     Raises:
-        IndexFormatError: no index there.
+        IndexFormatError: no index there, or one found that another user owns.
     """
     if path is not None:
         path = Path(path).expanduser()
@@ -96,9 +100,22 @@ def find_index_dir(path: str | Path | None = None) -> Path:
             "(and pass its folder with --index)"
         )
     here = Path.cwd().resolve()
+    device = here.stat().st_dev
     for folder in (here, *here.parents):
-        if (folder / DEFAULT_DIRNAME / MANIFEST).is_file():
-            return folder / DEFAULT_DIRNAME
+        try:
+            if folder.stat().st_dev != device:
+                break  # a filesystem boundary: discovery stops, as git's does
+        except OSError:
+            break
+        candidate = folder / DEFAULT_DIRNAME
+        if (candidate / MANIFEST).is_file():
+            owner = candidate.stat().st_uid
+            if hasattr(os, "getuid") and owner != os.getuid():
+                raise IndexFormatError(
+                    f"found an index at {candidate}, but it belongs to another user (uid "
+                    f"{owner}); refusing it: pass --index {candidate} to use it anyway"
+                )
+            return candidate
     raise IndexFormatError(
         f"no index found in {here} or its parents: build one with `mocoretrieval index ROOT` "
         "or pass --index DIR"
