@@ -119,7 +119,7 @@ def build_app(
         with gr.Tab("Near-duplicates"):
             with gr.Row():
                 threshold = gr.Slider(
-                    0.5,
+                    views.MIN_DUPLICATE_THRESHOLD,
                     1.0,
                     value=DEFAULT_DUPLICATE_THRESHOLD,
                     step=0.001,

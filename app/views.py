@@ -45,6 +45,9 @@ __all__ = [  # the thumbnail API, re-exported: callers and tests use it through 
 logger = logging.getLogger(__name__)
 
 MAX_K = 100
+# The lowest similarity the page groups near-duplicates at: below it most of a collection
+# links up into one group, which only costs the server time to compute and the user to read.
+MIN_DUPLICATE_THRESHOLD = 0.8
 # Phone photos are 3-15 MB; 50 MB leaves room for panoramas and still bounds what one request
 # can make the server store and decode. Pixels are bounded separately, by `load_image`'s
 # decompression-bomb check.
@@ -291,7 +294,8 @@ def find_duplicates(index: Any, threshold: float) -> DuplicateView:
     try:
         if _count(index) == 0:
             return DuplicateView(message="**The index is empty.**")
-        found = index.duplicates(float(threshold))
+        threshold = max(float(threshold), MIN_DUPLICATE_THRESHOLD)
+        found = index.duplicates(threshold)
     except MoCoRetrievalError as e:
         return DuplicateView(message=f"**Cannot look for duplicates:** {e}")
     except Exception:  # the page must never show a traceback; the server log keeps it

@@ -211,7 +211,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_duplicates(args: argparse.Namespace) -> int:
     from .index import ImageIndex
 
-    groups = ImageIndex.open(args.index).duplicates(args.threshold)
+    progress = _Progress(quiet=False)
+    try:
+        groups = ImageIndex.open(args.index).duplicates(args.threshold, progress=progress)
+    finally:
+        progress.close()
     if args.json:
         out = [[{"path": r.path, "score": round(r.score, 6)} for r in g] for g in groups]
         print(json.dumps(out, indent=2))

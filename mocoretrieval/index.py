@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # copies of a photo score close to 1 with self-supervised ResNet features; lower it for looser
 # matches (crops, edits).
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
+# Neighbours looked at per image when grouping near-duplicates: bounds the work of a dense
+# cluster (n alike images) to n x 32 pairs instead of n^2.
+DUPLICATE_NEIGHBOURS = 32
 
 Query = str | os.PathLike | Image.Image | np.ndarray
 
@@ -625,14 +628,20 @@ class ImageIndex:
         return out
 
     def duplicates(
-        self, threshold: float = DEFAULT_DUPLICATE_THRESHOLD, *, batch: int = 1024
+        self,
+        threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+        *,
+        batch: int = 1024,
+        neighbours: int = DUPLICATE_NEIGHBOURS,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[list[SearchResult]]:
         """Groups of near-duplicate images: similarity at least ``threshold`` to some member.
 
-        A range search (or a k-NN search for index types without one) per stored vector,
-        ``batch`` vectors at a time — never an N x N matrix. Groups are the connected components
-        of the "similar enough" pairs, largest first; each member's score is its best similarity
-        to another member.
+        A k-NN search of ``neighbours`` per stored vector, ``batch`` vectors at a time, so the
+        work is bounded by N x ``neighbours`` even when thousands of images are alike (see
+        :func:`mocoretrieval.ann.neighbour_pairs`). Groups are the connected components of the
+        "similar enough" pairs (union-find), largest first; each member's score is its best
+        similarity to another member. ``progress(done, total)`` is called after each batch.
         """
         index = self._faiss_index()
         parent: dict[int, int] = {}
@@ -644,8 +653,12 @@ class ImageIndex:
                 i = parent[i]
             return i
 
+        total, done = index.ntotal, 0
         for ids, vectors in self.store.iter_vectors(batch):
-            for qid, nid, score in ann.pairs_above(index, ids, vectors, threshold):
+            done += len(ids)
+            if progress is not None:
+                progress(min(done, total), total)
+            for qid, nid, score in ann.neighbour_pairs(index, ids, vectors, threshold, neighbours):
                 parent[find(qid)] = find(nid)
                 best[qid] = max(best.get(qid, -1.0), score)
                 best[nid] = max(best.get(nid, -1.0), score)

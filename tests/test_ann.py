@@ -69,27 +69,20 @@ def test_exact_index_needs_no_tuning():
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
-def test_pairs_above_matches_brute_force_with_range_and_knn_search():
+def test_neighbour_pairs_match_brute_force_up_to_the_cap():
     data = clustered(300, 16, 3)
     data[7] = data[3]  # an exact duplicate
     ids = np.arange(100, 400, dtype=np.int64)
     sims = data @ data.T
     expected = {(int(ids[i]), int(ids[j])) for i, j in zip(*np.nonzero(sims >= 0.9)) if i != j}
     flat = ann.build(ids, data, "Flat").index
-    got = {(q, n) for q, n, _ in ann.pairs_above(flat, ids, data, 0.9)}
+    got = {(q, n) for q, n, _ in ann.neighbour_pairs(flat, ids, data, 0.9, cap=300)}
     assert got == expected and (103, 107) in got
-
-    class NoRange:  # an index type without range search (e.g. HNSW in older FAISS)
-        ntotal = flat.ntotal
-
-        def range_search(self, *args):
-            raise RuntimeError("range search not implemented")
-
-        def search(self, x, k):
-            return flat.search(x, k)
-
-    knn = {(q, n) for q, n, _ in ann.pairs_above(NoRange(), ids, data, 0.9)}
-    assert knn <= expected and (103, 107) in knn  # k-NN: at most 32 neighbours each
+    capped = list(ann.neighbour_pairs(flat, ids, data, 0.9, cap=32))  # issue 13: bounded work
+    assert {(q, n) for q, n, _ in capped} <= expected and (103, 107) in {
+        (q, n) for q, n, _ in capped
+    }
+    assert len(capped) <= 300 * 32
 
 
 def test_bad_factory_strings_are_clear_errors():
