@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mocoretrieval.backbones import ResNetBackbone
 from mocoretrieval.errors import MoCoRetrievalError
 
 from . import checkpoint as ckpt_io
@@ -87,8 +88,7 @@ def evaluate_knn(
 ) -> float:
     """kNN top-1 accuracy of the backbone's features on the labeled sets."""
     use_bf16 = precision == "bf16"
-    channels_last = getattr(backbone, "net", None) is not None and device.type != "mps"
-    fmt = torch.channels_last if channels_last else None
+    fmt = torch.channels_last if isinstance(backbone, ResNetBackbone) else None
     queries = extract(backbone, sets.queries, device, use_bf16, fmt)
     if sets.bank is None:
         return knn_accuracy(queries, sets.query_labels, k=cfg.knn_k, t=cfg.knn_t)
