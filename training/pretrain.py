@@ -194,8 +194,8 @@ def train(
     _seed_all(cfg.seed)  # the same initial weights in every process
     mean, std = normalization(cfg, data)
     moco = build_moco(cfg, mean, std, world_size=world).to(device)
-    # channels_last suits both cuDNN and oneDNN convolutions (1.2x the images/s of a ResNet-18
-    # forward+backward on 2 CPU cores, benchmarks/train_cpu.py).
+    # channels_last suits both cuDNN and oneDNN convolutions: a ResNet-18 forward+backward at
+    # 32 px, batch 128, on 2 CPU cores ran at 549 vs 458 images/s in fp32, 929 vs 822 in bf16.
     channels_last = moco.base_encoder.is_resnet and device.type in ("cuda", "cpu")
     if channels_last:
         moco = moco.to(memory_format=torch.channels_last)

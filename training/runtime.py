@@ -31,8 +31,9 @@ def resolve_device(requested: str | None) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where oneDNN's bf16
-    kernels beat fp32: 1.7x the images/s of a ResNet-18 forward+backward at 32 px on 2 cores
-    (benchmarks/train_cpu.py). Without it bf16 is emulated and slower than fp32."""
+    kernels beat fp32: a ResNet-18 forward+backward at 32 px, batch 128, channels_last, ran at
+    929 images/s in bf16 against 549 in fp32 on 2 such cores. Without native support bf16 is
+    emulated, and slower than fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
