@@ -223,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         help="only baseline JPEGs (what cameras write; draft mode saves least on progressive)",
     )
     p.add_argument("--arch", default="resnet50")
+    p.add_argument(
+        "--model",
+        metavar="SOURCE",
+        help="time this encoder (alias, directory, ...) instead of random --arch weights",
+    )
+    p.add_argument(
+        "--versus",
+        metavar="ARCH",
+        help="with --cli: also time `mocoretrieval index` (default backend) with random ARCH "
+        "weights (e.g. resnet50), and print the rate of --model's over it, round by round",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--compare-batch",
@@ -264,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         args.folder = linked
     n = len(rel)
     torch.manual_seed(0)
-    encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
+    if args.model:
+        encoder = MoCoEncoder.from_pretrained(args.model)
+        args.arch = f"{args.model} ({encoder.arch}, {encoder.input_size} px)"
+    else:
+        encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
     naive_encoder = copy.deepcopy(encoder)  # stays in the default (NCHW) layout
     methods: dict[str, Callable[[], float | None]] = {
         "model-only": lambda: run_model_only(encoder, n, args.batch_size),
@@ -307,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_cli(model_dir, args.folder, rel[:1], args)
         else:
             methods["cli index"] = lambda: run_cli(model_dir, args.folder, rel, args)
+        if args.versus:
+            versus_dir = Path(tempfile.mkdtemp())
+            MoCoEncoder(arch=args.versus).save_pretrained(versus_dir)
+            methods[f"cli index, default, {args.versus}"] = lambda: run_cli(
+                versus_dir, args.folder, rel, args
+            )
+            run_cli(versus_dir, args.folder, rel[:1], args)  # its ONNX export: untimed
 
     for name in args.skip:
         if name in ("model-only", "iter_embeddings") or name not in methods:
@@ -337,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {r + 1}: {name:16s} {n / walls[name][-1]:6.2f} img/s  "
                 f"{1e3 * cpus[name][-1] / n:7.1f} CPU ms/img{extra}"
             )
-    for tmp in (model_dir, linked):
+    for tmp in (model_dir, linked, versus_dir if args.cli and args.versus else None):
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -390,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             + "."
         )
     table = "\n".join(lines)
+    if args.cli and args.versus:
+        ratio = paired("cli index, default", f"cli index, default, {args.versus}")
+        table += (
+            f"\n\n`mocoretrieval index` (default backend): {args.arch} indexes at "
+            f"**{ratio:.2f}×** the rate of {args.versus} (median of per-round ratios)."
+        )
     print()
     print(header)
     print(table)

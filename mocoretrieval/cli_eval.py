@@ -62,6 +62,7 @@ def _cmd_copies(args: argparse.Namespace) -> int:
         n=args.n,
         seed=args.seed,
         transforms=args.transforms,
+        copies_of=args.copies_of,
         batch_size=args.batch_size,
         workers=args.workers,
     )
@@ -206,6 +207,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("folder", help="folder of photos; those not copied are distractors")
     _copies_options(c)
+    c.add_argument(
+        "--copies-of",
+        metavar="SUBFOLDER",
+        help="make copies only of the images under this sub-folder of FOLDER; the rest of "
+        "FOLDER are distractors",
+    )
     _common(c)
     c.set_defaults(func=_cmd_copies)
 

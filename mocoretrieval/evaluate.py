@@ -63,6 +63,7 @@ def eval_copies(
     n: int = 100,
     seed: int = 0,
     transforms: str = "standard",
+    copies_of: str | None = None,
     backend: str = "auto",
     device: str | None = None,
     quantize: str | None = None,
@@ -83,12 +84,19 @@ def eval_copies(
         n: number of images to make copies of.
         seed: the choice of images and every edit's parameters.
         transforms: ``light``, ``standard`` or ``strong`` (docs/eval.md).
+        copies_of: a sub-folder of ``folder``: copies are made of its images only, and the
+            rest of the folder are distractors (e.g. held-out photos among other pictures).
         backend, device, quantize, batch_size, workers, notify: as for ``index``.
         progress: called with (images done, images in all) after each batch.
     """
     preset = get_preset(transforms)
     files = folder_images(folder)
     order = choose_images(files, n, seed)
+    if copies_of:
+        prefix = Path(copies_of).as_posix().strip("/") + "/"
+        order = [f for f in order if f.startswith(prefix)]
+        if not order:
+            raise DatasetError(f"no images under {Path(folder) / copies_of} to make copies of")
     encoders = load_models(
         models,
         backend=backend,

@@ -77,6 +77,32 @@ def test_copies_perfect_encoder_scores_one_and_broken_files_are_counted(photos, 
     assert result.scores[ALL].queries == 5 * (len(report.kinds) - 1)
 
 
+@pytest.fixture
+def heldout(photos):
+    make_images(photos / "heldout", 3, seed=9)
+    return photos
+
+
+def test_copies_of_a_sub_folder_search_the_whole_folder(heldout, oracle, monkeypatch):
+    """``copies_of``: copies only of the sub-folder's images, searched among every image (the
+    rest are distractors). Ignoring it (copying from the whole folder) fails the first assert."""
+    photos, made = heldout, []
+    real = evaluate_module.make_copies
+
+    def spy(root, originals, out_dir, *args, **kwargs):
+        copies, skipped = real(root, originals, out_dir, *args, **kwargs)
+        made.extend(c.original for c in copies)
+        return copies, skipped
+
+    monkeypatch.setattr(evaluate_module, "make_copies", spy)
+    report = eval_copies(photos, [oracle], n=10, copies_of="heldout", workers=0)
+    assert made and all(f.startswith("heldout/") for f in made)
+    assert report.originals == 3 and report.gallery == 15
+    assert report.results[0].scores[ALL].recall[1] == 1.0
+    with pytest.raises(DatasetError, match="no images under"):
+        eval_copies(photos, [oracle], n=2, copies_of="nothere", workers=0)
+
+
 def test_copies_constant_encoder_scores_chance(photos):
     report = eval_copies(photos, [ConstantEncoder(16)], n=4, workers=0)
     scores = report.results[0].scores[ALL]

@@ -340,6 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the split's seed")
     p.add_argument("--max-side", type=int, default=1024, help="long side of train images")
     p.add_argument("--force", action="store_true", help="replace a corpus already at OUT")
+    t = sub.add_parser("tiles", help="cut seeded square tiles of each picture: training instances")
+    t.add_argument("src", type=Path, help="a folder of pictures, e.g. OUT/train")
+    t.add_argument("out", type=Path, help="the tile folder to make")
+    t.add_argument("--per-picture", type=int, default=150, help="tiles per picture")
+    t.add_argument("--size", type=int, default=224, help="tile side in pixels")
+    t.add_argument("--min-scale", type=float, default=0.2, help="smallest side / short side")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace a tile folder already at OUT")
+    d = sub.add_parser(
+        "distractors",
+        help="copy the installed desktop artwork that is not one of the photographs: images "
+        "never trained on, to search copies of held-out photos among",
+    )
+    d.add_argument("out", type=Path, help="the folder to make")
+    d.add_argument("--max-side", type=int, default=1024)
+    d.add_argument("--force", action="store_true", help="replace a folder this made at OUT")
     return parser
 
 
@@ -349,6 +365,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sources":
             _print_sources(SOURCES)
+            return 0
+        if args.command == "tiles":
+            from .tiles import cut_tiles
+
+            t = cut_tiles(
+                args.src, args.out, args.per_picture, args.size, args.min_scale, args.seed,
+                args.force,
+            )
+            print(f"wrote {t.tiles} tiles of {t.pictures} pictures to {t.out}")
+            for line in t.skipped:
+                print(f"  skipped {line}")
+            return 0
+        if args.command == "distractors":
+            from .tiles import write_distractors
+
+            photos = {str(f) for s in SOURCES for p in find_pictures(s) for f in p.files}
+            t = write_distractors(args.out, photos, max_side=args.max_side, force=args.force)
+            print(f"wrote {t.pictures} distractors to {t.out}")
             return 0
         report = prepare(
             args.out,
