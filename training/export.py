@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mocoretrieval.encoder import MoCoEncoder
 from mocoretrieval.errors import CheckpointError, MoCoRetrievalError
 from mocoretrieval.sources import encoder_with_weights
@@ -60,19 +62,55 @@ def encoder_from_checkpoint(path: str | Path) -> MoCoEncoder:
     return encoder_with_weights(config, weights, str(path)).eval()
 
 
+def save_half(encoder: MoCoEncoder, out_dir: str | Path) -> None:
+    """Rewrites ``out_dir/model.safetensors`` with float16 storage (half the bytes); loading
+    converts it back to the encoder's float32."""
+    from safetensors.torch import save_file
+
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in encoder.state_dict().items()
+    }
+    save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
     push_to_hub: str | None = None,
     private: bool = False,
+    half: bool = False,
+    card: str | Path | None = None,
 ) -> MoCoEncoder:
     """Writes the checkpoint's encoder to ``out_dir`` and, with a repo id, uploads it.
 
+    Args:
+        half: store the weights as float16 (the encoder loads them as float32).
+        card: a Markdown file (data, licences, command, measurements) appended to the
+            generated model card.
+
     Returns:
-        The exported encoder.
+        The exported encoder (float32, and with ``half`` holding the float16-rounded weights,
+        as they will load).
     """
+    if push_to_hub and (half or card):
+        raise MoCoRetrievalError(
+            "--push-to-hub uploads the encoder as it is in memory (float32, the generated card); "
+            "to publish a --half/--card export, upload its folder: "
+            f"`huggingface-cli upload {push_to_hub} {out_dir}`"
+        )
     encoder = encoder_from_checkpoint(checkpoint)
+    if half:  # what the file will hold: weights_hash() then matches the loaded encoder's
+        with torch.no_grad():
+            for t in encoder.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
     encoder.save_pretrained(out_dir)
+    if half:
+        save_half(encoder, out_dir)
+    if card is not None:
+        readme = Path(out_dir) / "README.md"
+        readme.write_text(readme.read_text().rstrip() + "\n\n" + Path(card).read_text())
     if push_to_hub:
         try:
             encoder.push_to_hub(push_to_hub, private=private)
@@ -98,9 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out_dir", help="folder to write")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument("--card", metavar="MD", help="Markdown appended to the model card")
     args = p.parse_args(argv)
     try:
-        encoder = export(args.checkpoint, args.out_dir, args.push_to_hub, args.private)
+        encoder = export(
+            args.checkpoint, args.out_dir, args.push_to_hub, args.private, args.half, args.card
+        )
     except MoCoRetrievalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -156,6 +156,33 @@ def test_export_cli_writes_and_pushes(tmp_path, monkeypatch, capsys):
     assert export_main([str(tmp_path / "nothing"), str(tmp_path / "enc3")]) == 1
 
 
+def test_export_half_stores_float16_and_loads_the_same_encoder(tmp_path):
+    """``--half``: float16 on disk, float32 in memory, the hash export returned is the one that
+    loads (an index pinned at export time accepts the loaded encoder); ``--card`` is appended."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    train(tiny_cfg("v2"), FMNIST, RunOptions(out_dir=str(run), device="cpu", export=False))
+    (tmp_path / "card.md").write_text("## Data\n\nheld-out pictures\n")
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert export_main([str(run), str(full)]) == 0
+    assert export_main([str(run), str(half), "--half", "--card", str(tmp_path / "card.md")]) == 0
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}
+    size = {d: (d / "model.safetensors").stat().st_size for d in (full, half)}
+    assert size[half] < 0.6 * size[full]
+    assert (half / "README.md").read_text().rstrip().endswith("held-out pictures")
+    a, b = MoCoEncoder.from_pretrained(full), MoCoEncoder.from_pretrained(half)
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    from training.export import export
+
+    assert b.weights_hash() == export(run, tmp_path / "again", half=True).weights_hash()
+    x = torch.rand(4, 3, a.input_size, a.input_size)
+    cos = (a.embed(x) * b.embed(x)).sum(axis=1)  # rows are L2-normalised
+    assert cos.min() > 0.999
+    assert export_main([str(run), str(tmp_path / "h2"), "--half", "--push-to-hub", "me/m"]) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
