@@ -171,6 +171,9 @@ def test_named_preset_and_cli_defaults():
         assert cfg.version == version and cfg.arch == "resnet18" and cfg.batch_size == 256
     assert named_preset("fmnist-cpu", "v3").queue_size == 0
     assert named_preset("fmnist-cpu", "v1").proj_layers == 1
+    photos = named_preset("photos-cpu")  # the shipped encoder's recipe: copy edits on
+    assert (photos.arch, photos.input_size, photos.version) == ("resnet18", 112, "v2")
+    assert photos.queue_size < 5550 and photos.jpeg_p > 0 and photos.rotate_deg > 0
     # Without --version the CLI trains the config's default version.
     args = build_parser().parse_args(["--out-dir", "x"])
     cfg, _ = config_from_args(args, fashion_mnist=True)
