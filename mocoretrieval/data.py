@@ -168,6 +168,43 @@ def scan_images(
     return Scan(dict(sorted(files.items())), dict(sorted(problems.items())), unreadable)
 
 
+def empty_folders(
+    root: str | Path, gone: Sequence[str], exclude: Sequence[str | Path] = ()
+) -> dict[str, list[str]]:
+    """The paths of ``gone`` (relative to ``root``, no longer found there) whose deepest folder
+    that still exists lists no entries at all (``exclude`` aside), grouped by that folder.
+
+    An unmounted drive looks like that: its mount point is an empty folder, and the photos that
+    were under it are not deleted, only out of reach. A path whose deepest existing folder lists
+    something was deleted, and is left out (``"."`` stands for ``root`` itself).
+    """
+    root = Path(root)
+    excluded = {os.path.realpath(p) for p in exclude}
+    found: dict[str, str | None] = {}  # folder -> the empty folder it is or lies in, or None
+
+    def lists_nothing(folder: Path) -> bool:
+        try:
+            with os.scandir(folder) as entries:
+                return all(os.path.realpath(e.path) in excluded for e in entries)
+        except OSError:  # listed by the walk a moment ago: a race, not an unmounted drive
+            return False
+
+    def empty_of(folder: str) -> str | None:
+        if folder not in found:
+            if (root / folder).is_dir():
+                found[folder] = folder if lists_nothing(root / folder) else None
+            else:  # deleted with its folder, or out of reach with a folder above it
+                found[folder] = None if folder == "." else empty_of(os.path.dirname(folder) or ".")
+        return found[folder]
+
+    out: dict[str, list[str]] = {}
+    for path in gone:
+        folder = empty_of(os.path.dirname(path) or ".")
+        if folder is not None:
+            out.setdefault(folder, []).append(path)
+    return out
+
+
 def _display(path: str) -> str:
     """``path`` as valid UTF-8 text: bytes that are not are escaped as ``\\xNN``."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
