@@ -289,7 +289,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="images per forward pass (default: 8 with torch on a CPU, where it runs fastest; "
         "32 otherwise)",
     )
-    p.add_argument("--workers", type=int, help="decoding processes (default: automatic; 0: none)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes (default: automatic). 0 decodes in this process; a file stuck "
+        "there for 60 s is skipped and its decoding thread left running until the command ends "
+        "(a process would be killed)",
+    )
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: automatic)")
     p.add_argument(
         "--index-type",

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -388,6 +389,35 @@ class DecodedBatch(NamedTuple):
     thumbnails: list[bytes | None]  # aligned with indices; empty when not asked for
 
 
+def run_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """``(True, fn())``, run in a helper thread, or ``(False, None)`` when it takes longer than
+    ``timeout`` seconds; an exception of ``fn`` is raised here.
+
+    A thread cannot be killed: one that times out is abandoned, a daemon thread that ends when
+    ``fn`` returns or when the process exits, keeping its memory (and a CPU, if it spins) till
+    then. A ``fn`` that holds the GIL throughout (a C loop that never releases it) cannot be
+    timed out at all; Pillow's decoders and file reads release it.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, name="mocoretrieval-decode", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        logger.warning("abandoned a decoding thread stuck for over %g s", timeout)
+        return False, None
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return True, value
+
+
 class ImageFileDataset(Dataset):
     """Files under a root, decoded and transformed; a bad file yields its reason, not an error.
 
@@ -403,6 +433,9 @@ class ImageFileDataset(Dataset):
         min_side: passed to :func:`load_image` (JPEG draft mode); usually the resize size.
         thumbnail_size: the thumbnail's longest side; None makes none. It is made from the image
             as decoded for ``min_side``, so it is smaller when that image is.
+        timeout: seconds an item may take, decoded in a helper thread (see
+            :func:`run_with_timeout`); past it, the file is skipped. For decoding in this
+            process: a DataLoader times out (and kills) its worker processes itself.
     """
 
     def __init__(
@@ -412,17 +445,25 @@ class ImageFileDataset(Dataset):
         transform: Callable[[Image.Image], Any],
         min_side: int | None = None,
         thumbnail_size: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.root = os.fspath(root)
         self.relpaths = list(relpaths)
         self.transform = transform
         self.min_side = min_side
         self.thumbnail_size = thumbnail_size
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
+        if self.timeout is None:
+            return self._item(i)
+        done, item = run_with_timeout(lambda: self._item(i), self.timeout)
+        return item if done else (i, None, f"decoding took over {self.timeout:g} s", None)
+
+    def _item(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
         path = os.path.join(self.root, self.relpaths[i])
         try:
             img = load_image(path, self.min_side)

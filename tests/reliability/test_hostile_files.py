@@ -104,6 +104,21 @@ def test_a_stuck_decoder_is_a_skipped_file_with_its_reason(tmp_path, monkeypatch
     assert sorted(report.added) == ["img_0000.jpg", "img_0002.jpg", "img_0003.png"]
 
 
+def test_a_stuck_decoder_without_workers_is_a_skipped_file(tmp_path, monkeypatch, two_models):
+    """Defect 4 with --workers 0. Fails without the fix: the run waited for the decoder stuck in
+    its own process (20 s here) and then embedded the file."""
+    root = tmp_path / "photos"
+    make_images(root, 4)
+    monkeypatch.setenv("HANG_PID_FILE", str(tmp_path / "pid"))
+    monkeypatch.setattr(data, "load_image", _hang_on("img_0001.png", 20))
+    monkeypatch.setattr(embed, "DECODE_TIMEOUT_S", 1.0, raising=False)
+    t0 = time.monotonic()
+    report = ImageIndex.build(root, model=two_models[0], workers=0, batch_size=2).last_report
+    assert time.monotonic() - t0 < 15
+    assert report.skipped == {"decoding took over 1 s": ["img_0001.png"]}
+    assert sorted(report.added) == ["img_0000.jpg", "img_0002.jpg", "img_0003.png"]
+
+
 _ORPHAN = """
 import os, sys, time
 from pathlib import Path
