@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,9 @@ TUNE_K = 10
 # IVF training sample: the FAISS guidelines ask for 30*K to 256*K points for K centroids, and
 # FAISS warns below 39*K. k-means is most of the build time, so take the low end.
 TRAIN_PER_LIST = 40
+# Training sample of an index without lists that needs training (e.g. "PQ64", "PCA128,Flat"):
+# the top of the same guideline for the 256 centroids of a PQ sub-quantizer (256 * 256).
+TRAIN_MAX = 65_536
 # Candidates re-ranked exactly per result wanted (k_factor_rf), tried in turn until nprobe can
 # reach the target: 4 recovers the recall lost to 4-bit codes at the same nprobe as a float
 # IVF (measured: 0.954 vs 0.958 at 200k x 512); fewer dimensions need more.
@@ -106,6 +109,32 @@ class BuiltIndex:
     seconds: float = 0.0
 
 
+class VectorSource(Protocol):
+    """Vectors read chunk by chunk, as many times as a build needs, every pass the same rows in
+    the same order (e.g. :meth:`mocoretrieval.store.Store.snapshot_chunks`)."""
+
+    n: int
+    dim: int
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(ids (m,) int64, vectors (m, D) float32)``."""
+        ...
+
+
+class ArraySource:
+    """Vectors already in memory, as a :class:`VectorSource`."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, chunk: int = 65536) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n, self.dim = self.vectors.shape
+        self.chunk = chunk
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.n, self.chunk):
+            yield self.ids[start : start + self.chunk], self.vectors[start : start + self.chunk]
+
+
 def build(
     ids: np.ndarray,
     vectors: np.ndarray,
@@ -115,11 +144,28 @@ def build(
     tune: bool = True,
     trained: BuiltIndex | None = None,
 ) -> BuiltIndex:
-    """Builds (trains, fills and tunes) an ``IDMap`` index over ``vectors``.
+    """:func:`build_from` over vectors in memory: ``ids`` (N,) int64 and ``vectors`` (N, D)
+    float32, L2-normalised."""
+    return build_from(ArraySource(ids, vectors), factory, seed=seed, tune=tune, trained=trained)
+
+
+def build_from(
+    source: VectorSource,
+    factory: str,
+    *,
+    seed: int = 0,
+    tune: bool = True,
+    trained: BuiltIndex | None = None,
+) -> BuiltIndex:
+    """Builds (trains, fills and tunes) an ``IDMap`` index over the vectors of ``source``.
+
+    Memory is bounded, not proportional to N: the index is trained on a sample (at most
+    :data:`TRAIN_PER_LIST` per IVF list, or :data:`TRAIN_MAX`), filled one chunk at a time,
+    and tuned with :data:`TUNE_QUERIES` queries whose exact neighbours are found chunk by chunk.
+    Only the FAISS index itself grows with N.
 
     Args:
-        ids: (N,) int64 vector ids, returned by searches.
-        vectors: (N, D) float32, L2-normalised.
+        source: the ids (returned by searches) and L2-normalised vectors, read in chunks.
         factory: a FAISS factory string (without ``IDMap``), e.g. ``Flat`` or ``IVF4096,Flat``.
         seed: for the training sample and the tuning sample.
         tune: tune nprobe / efSearch for :data:`TARGET_RECALL` recall@10.
@@ -128,7 +174,7 @@ def build(
     """
     faiss = faiss_module()
     t0 = time.perf_counter()
-    n, dim = vectors.shape
+    n, dim = source.n, source.dim
     trained_on = None
     try:
         if trained is not None:
@@ -140,20 +186,24 @@ def build(
             trained_on = n
             rng = np.random.default_rng(seed)
             ivf = faiss.try_extract_index_ivf(index)
-            n_train = n if ivf is None else min(n, TRAIN_PER_LIST * ivf.nlist)
-            sample = vectors if n_train == n else vectors[np.sort(rng.choice(n, n_train, False))]
-            index.train(sample)
-        if n:
+            n_train = min(n, TRAIN_MAX if ivf is None else TRAIN_PER_LIST * ivf.nlist)
+            rows = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, False))
+            index.train(_gather(source, rows)[1])
+        added = 0
+        for ids, vectors in source.chunks():
             index.add_with_ids(vectors, ids)
+            added += len(ids)
     except RuntimeError as e:
         raise MoCoRetrievalError(
             f"FAISS could not build {factory!r} over {n} vectors ({_first_line(e)}); "
             "an IVF index needs at least as many vectors as lists: use a smaller one or leave "
             "--index-type out for the automatic choice"
         ) from e
+    if added != n:
+        raise MoCoRetrievalError(f"{n} vectors were announced and {added} read; build again")
     built = BuiltIndex(index=index, factory=factory, trained_on=trained_on)
     if tune:
-        built.params, built.recall = tune_search(index, ids, vectors, seed=seed)
+        built.params, built.recall = tune_search(index, source, seed=seed)
         if built.recall is not None and built.recall < TARGET_RECALL:
             log.warning(
                 "%s reaches recall@10 %.3f only (%s), below %.2f",
@@ -167,6 +217,36 @@ def build(
         set_params(index, built.params)
     built.seconds = time.perf_counter() - t0
     return built
+
+
+def _gather(source: VectorSource, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, vectors)`` at the sorted positions ``rows`` of ``source``, in one pass."""
+    ids_out = np.empty(len(rows), dtype=np.int64)
+    out = np.empty((len(rows), source.dim), dtype=np.float32)
+    start = done = 0
+    for ids, vectors in source.chunks():
+        end = start + len(ids)
+        upto = int(np.searchsorted(rows, end))
+        local = rows[done:upto] - start
+        ids_out[done:upto], out[done:upto] = ids[local], vectors[local]
+        done, start = upto, end
+    if done != len(rows):
+        raise MoCoRetrievalError(f"{source.n} vectors were announced and {start} read; try again")
+    return ids_out, out
+
+
+def _exact_neighbours(queries: np.ndarray, source: VectorSource, k: int) -> np.ndarray:
+    """(len(queries), k) ids of each query's ``k`` nearest vectors by inner product, found one
+    chunk at a time (-1 pads a source of fewer than ``k``)."""
+    faiss = faiss_module()
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, vectors in source.chunks():
+        scores, pos = faiss.knn(
+            queries, vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT
+        )
+        heap.add_result(scores, np.where(pos >= 0, ids[pos], -1))
+    heap.finalize()
+    return heap.I
 
 
 def _fixed_params(index: Any) -> list[dict[str, int]]:
@@ -203,12 +283,12 @@ def set_params(index: Any, params: dict[str, int]) -> None:
 
 
 def tune_search(
-    index: Any, ids: np.ndarray, vectors: np.ndarray, *, seed: int = 0
+    index: Any, source: VectorSource, *, seed: int = 0
 ) -> tuple[dict[str, int], float | None]:
     """Smallest nprobe / efSearch whose recall@10 against exact search reaches the target.
 
-    The queries are a sample of stored vectors; each one's own id is left out of both result
-    lists, so the trivial self-match does not inflate the recall. A refined index tries each
+    The queries are a sample of the vectors of ``source``, their exact neighbours found chunk by
+    chunk; each one's own id is left out of both result lists, so the trivial self-match does not inflate the recall. A refined index tries each
     re-ranking depth and keeps the one that needs the smallest nprobe: scanning lists is the
     cost, re-ranking a few hundred vectors is not. The chosen parameters are left set.
 
@@ -218,16 +298,15 @@ def tune_search(
     """
     fixed_options = _fixed_params(index)
     knob = _search_knob(index)
-    if knob is None or len(ids) <= TUNE_K:
+    if knob is None or source.n <= TUNE_K:
         set_params(index, fixed_options[0])
         return dict(fixed_options[0]), None
-    faiss = faiss_module()
     name, values = knob
     rng = np.random.default_rng(seed)
-    q = np.sort(rng.choice(len(ids), min(TUNE_QUERIES, len(ids)), replace=False))
-    queries, query_ids = vectors[q], ids[q]
-    _, exact_pos = faiss.knn(queries, vectors, TUNE_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    exact = [_top(ids[row], qid) for row, qid in zip(exact_pos, query_ids)]
+    q = np.sort(rng.choice(source.n, min(TUNE_QUERIES, source.n), replace=False))
+    query_ids, queries = _gather(source, q)
+    exact_ids = _exact_neighbours(queries, source, TUNE_K + 1)
+    exact = [_top(row, qid) for row, qid in zip(exact_ids, query_ids)]
     total = max(1, sum(len(e) for e in exact))
 
     def recall_of(params: dict[str, int]) -> float:

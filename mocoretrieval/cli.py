@@ -162,7 +162,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     try:
         report = index.update(
-            batch_size=args.batch_size, workers=args.workers, device=args.device, progress=progress
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            progress=progress,
+            prune_empty=args.prune_empty,
         )
     finally:
         progress.close()
@@ -183,6 +187,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"  ... and {shown - 20} more: see `mocoretrieval info`")
     for folder, reason in report.unreadable.items():
         print(f"  could not list {folder}/ ({reason}); its indexed images are kept")
+    for folder, n in report.empty.items():
+        shown_folder = index.root if folder == "." else f"{folder}/"
+        print(
+            f"  {shown_folder} is empty but held {n} indexed images: kept (an unmounted "
+            "drive?); if they were deleted, forget them with --prune-empty"
+        )
     return 0
 
 
@@ -279,7 +289,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="images per forward pass (default: 8 with torch on a CPU, where it runs fastest; "
         "32 otherwise)",
     )
-    p.add_argument("--workers", type=int, help="decoding processes (default: automatic; 0: none)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decoding processes (default: automatic). 0 decodes in this process; a file stuck "
+        "there for 60 s is skipped and its decoding thread left running until the command ends "
+        "(a process would be killed)",
+    )
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: automatic)")
     p.add_argument(
         "--index-type",
@@ -289,6 +305,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "recall@10 >= 0.95)",
     )
     p.add_argument("--rebuild", action="store_true", help="forget every embedding and start over")
+    p.add_argument(
+        "--prune-empty",
+        action="store_true",
+        help="also forget the images of folders that are now empty; by default an empty folder "
+        "(ROOT too) that held indexed images is taken for an unmounted drive and they are kept",
+    )
     _add_backend_arguments(p)
     p.add_argument(
         "--quantize",

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -166,6 +167,43 @@ def scan_images(
             else:
                 files[path] = st
     return Scan(dict(sorted(files.items())), dict(sorted(problems.items())), unreadable)
+
+
+def empty_folders(
+    root: str | Path, gone: Sequence[str], exclude: Sequence[str | Path] = ()
+) -> dict[str, list[str]]:
+    """The paths of ``gone`` (relative to ``root``, no longer found there) whose deepest folder
+    that still exists lists no entries at all (``exclude`` aside), grouped by that folder.
+
+    An unmounted drive looks like that: its mount point is an empty folder, and the photos that
+    were under it are not deleted, only out of reach. A path whose deepest existing folder lists
+    something was deleted, and is left out (``"."`` stands for ``root`` itself).
+    """
+    root = Path(root)
+    excluded = {os.path.realpath(p) for p in exclude}
+    found: dict[str, str | None] = {}  # folder -> the empty folder it is or lies in, or None
+
+    def lists_nothing(folder: Path) -> bool:
+        try:
+            with os.scandir(folder) as entries:
+                return all(os.path.realpath(e.path) in excluded for e in entries)
+        except OSError:  # listed by the walk a moment ago: a race, not an unmounted drive
+            return False
+
+    def empty_of(folder: str) -> str | None:
+        if folder not in found:
+            if (root / folder).is_dir():
+                found[folder] = folder if lists_nothing(root / folder) else None
+            else:  # deleted with its folder, or out of reach with a folder above it
+                found[folder] = None if folder == "." else empty_of(os.path.dirname(folder) or ".")
+        return found[folder]
+
+    out: dict[str, list[str]] = {}
+    for path in gone:
+        folder = empty_of(os.path.dirname(path) or ".")
+        if folder is not None:
+            out.setdefault(folder, []).append(path)
+    return out
 
 
 def _display(path: str) -> str:
@@ -351,6 +389,35 @@ class DecodedBatch(NamedTuple):
     thumbnails: list[bytes | None]  # aligned with indices; empty when not asked for
 
 
+def run_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    """``(True, fn())``, run in a helper thread, or ``(False, None)`` when it takes longer than
+    ``timeout`` seconds; an exception of ``fn`` is raised here.
+
+    A thread cannot be killed: one that times out is abandoned, a daemon thread that ends when
+    ``fn`` returns or when the process exits, keeping its memory (and a CPU, if it spins) till
+    then. A ``fn`` that holds the GIL throughout (a C loop that never releases it) cannot be
+    timed out at all; Pillow's decoders and file reads release it.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, name="mocoretrieval-decode", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        logger.warning("abandoned a decoding thread stuck for over %g s", timeout)
+        return False, None
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return True, value
+
+
 class ImageFileDataset(Dataset):
     """Files under a root, decoded and transformed; a bad file yields its reason, not an error.
 
@@ -366,6 +433,9 @@ class ImageFileDataset(Dataset):
         min_side: passed to :func:`load_image` (JPEG draft mode); usually the resize size.
         thumbnail_size: the thumbnail's longest side; None makes none. It is made from the image
             as decoded for ``min_side``, so it is smaller when that image is.
+        timeout: seconds an item may take, decoded in a helper thread (see
+            :func:`run_with_timeout`); past it, the file is skipped. For decoding in this
+            process: a DataLoader times out (and kills) its worker processes itself.
     """
 
     def __init__(
@@ -375,17 +445,25 @@ class ImageFileDataset(Dataset):
         transform: Callable[[Image.Image], Any],
         min_side: int | None = None,
         thumbnail_size: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.root = os.fspath(root)
         self.relpaths = list(relpaths)
         self.transform = transform
         self.min_side = min_side
         self.thumbnail_size = thumbnail_size
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
+        if self.timeout is None:
+            return self._item(i)
+        done, item = run_with_timeout(lambda: self._item(i), self.timeout)
+        return item if done else (i, None, f"decoding took over {self.timeout:g} s", None)
+
+    def _item(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
         path = os.path.join(self.root, self.relpaths[i])
         try:
             img = load_image(path, self.min_side)

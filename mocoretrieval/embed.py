@@ -198,7 +198,8 @@ def iter_embeddings(
         relpaths: the files to embed.
         batch_size: images per forward pass; None picks (see :func:`default_batch_size`).
         workers: decoding processes; None picks (see :func:`auto_workers`), 0 decodes in this
-            process.
+            process, each file in a helper thread abandoned after :data:`DECODE_TIMEOUT_S`
+            (see :func:`mocoretrieval.data.run_with_timeout`).
         device: torch device; None picks CUDA when available, else CPU.
         progress: called after each batch with the number of files that batch finished
             (embedded + skipped), e.g. ``tqdm.update``.
@@ -243,6 +244,9 @@ def iter_embeddings(
         pre.pixels if split else pre,
         min_side=encoder.resize_size,
         thumbnail_size=thumbnail_size,
+        # In this process a stuck decoder is left behind in a helper thread; workers are
+        # killed by the DataLoader's own timeout instead.
+        timeout=DECODE_TIMEOUT_S if workers == 0 else None,
     )
 
     def loader(chunk_lists: list[list[int]], num_workers: int = workers) -> DataLoader:
@@ -255,8 +259,8 @@ def iter_embeddings(
             pin_memory=dev.type == "cuda",
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=False,
-            # Only workers can be timed out (and killed): a stuck decoder in this process
-            # would hang it, which is one more reason to decode in workers by default.
+            # Workers are timed out and killed; in this process the dataset times out each
+            # file's helper thread, which cannot be killed (one more reason for workers).
             timeout=DECODE_TIMEOUT_S * longest if num_workers > 0 else 0,
             worker_init_fn=die_with_parent if num_workers > 0 else None,
         )

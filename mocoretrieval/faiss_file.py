@@ -20,6 +20,11 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+# Bytes of stored vectors a build reads at a time (8192 rows of 2048-d float32): the build
+# never holds every vector outside the FAISS index, which at a million 2048-d photos would be
+# 8 GB on top of the index itself.
+CHUNK_BYTES = 64 << 20
+
 
 class FaissFile:
     """The FAISS index of an index directory, loaded or rebuilt on demand.
@@ -87,19 +92,18 @@ class FaissFile:
         self._rebuild(save=save)
 
     def _rebuild(self, *, save: bool) -> None:
-        generation, ids, vectors = self.store.snapshot()  # one state, whatever commits meanwhile
-        requested = self.manifest["index_type"]
-        factory = ann.auto_factory(len(ids), self.store.dim) if requested == "auto" else requested
-        trained = self._reusable_training(requested, len(ids))
-        built = ann.build(ids, vectors, trained.factory if trained else factory, trained=trained)
+        chunk = max(1, CHUNK_BYTES // (4 * self.store.dim))
+        # One state, whatever commits meanwhile, streamed chunk by chunk into FAISS.
+        with self.store.snapshot_chunks(chunk) as snapshot:
+            generation, n = snapshot.generation, snapshot.n
+            requested = self.manifest["index_type"]
+            factory = ann.auto_factory(n, self.store.dim) if requested == "auto" else requested
+            trained = self._reusable_training(requested, n)
+            built = ann.build_from(
+                snapshot, trained.factory if trained else factory, trained=trained
+            )
         factory = built.factory
-        log.info(
-            "built %s over %d vectors in %.1f s (%s)",
-            factory,
-            len(ids),
-            built.seconds,
-            built.params,
-        )
+        log.info("built %s over %d vectors in %.1f s (%s)", factory, n, built.seconds, built.params)
         self.index, self.generation = built.index, generation
         if not save:
             return

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import ann, embed
-from .data import load_image, scan_images
+from .data import empty_folders, load_image, scan_images
 from .errors import ImageError, IndexChangedError, MoCoRetrievalError, ModelMismatchError
 from .faiss_file import FaissFile
 from .layout import (
@@ -74,6 +74,9 @@ class UpdateReport:
     # Folders that could not be listed (unmounted, no permission): folder -> reason. What the
     # index holds under them is kept, not counted as deleted.
     unreadable: dict[str, str] = field(default_factory=dict)
+    # Folders that list nothing while the index holds files under them (the mount point of an
+    # unmounted drive; "." for the root): folder -> files kept. ``prune_empty`` removes them.
+    empty: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_s: float = 0.0
 
@@ -276,12 +279,19 @@ class ImageIndex:
         workers: int | None = None,
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        prune_empty: bool = False,
     ) -> ImageIndex:
         """:meth:`create` then :meth:`update`; the update's report is in ``.last_report``."""
         index = cls.create(
             root, model, index_dir, index_type=index_type, rebuild=rebuild, device=device
         )
-        index.update(batch_size=batch_size, workers=workers, device=device, progress=progress)
+        index.update(
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+            prune_empty=prune_empty,
+        )
         return index
 
     @classmethod
@@ -430,9 +440,15 @@ class ImageIndex:
         workers: int | None = None,
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        prune_empty: bool = False,
     ) -> UpdateReport:
         """Brings the index in line with the folder: embeds new and changed files (by size and
         mtime), forgets deleted ones, and leaves the rest alone.
+
+        Files under a folder that cannot be listed, or that lists nothing at all (what the mount
+        point of an unmounted drive looks like; the root too), are kept and reported in
+        ``unreadable`` and ``empty``: they are out of reach, maybe not deleted. A folder deleted
+        with its files is a deletion like any other.
 
         Each batch is committed as it is embedded, so an interrupted update keeps its work and
         the next one continues from there. An unchanged folder costs a walk and no model work.
@@ -443,6 +459,8 @@ class ImageIndex:
             workers: decoding processes; None picks, 0 decodes in this process.
             device: torch device; None picks CUDA when available, else CPU.
             progress: called as ``progress(done, total)`` after each batch of files to embed.
+            prune_empty: forget the files of folders that list nothing as well (they were
+                really deleted, not unmounted).
         """
         t0 = time.perf_counter()
         report = UpdateReport()
@@ -457,11 +475,17 @@ class ImageIndex:
             if requested is not None:  # before any model work: fail fast, change nothing
                 ann.check_buildable(requested, len(stats), self.dim)
             known = self.store.files()
-            report.removed = sorted(
+            gone = sorted(
                 p
                 for p in set(known) - set(stats) - set(problems)
                 if not _under(p, report.unreadable)
             )
+            held = {} if prune_empty else empty_folders(self.root, gone, exclude=[self.path])
+            kept = {p for paths in held.values() for p in paths}
+            report.removed = [p for p in gone if p not in kept]
+            report.empty = {_display(folder): len(paths) for folder, paths in held.items()}
+            for folder, n in report.empty.items():
+                log.warning("%s lists nothing but held %d indexed files: kept", folder, n)
             self.store.remove(report.removed)
             if report.removed:
                 self.store.vacuum_if_sparse()

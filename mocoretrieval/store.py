@@ -74,6 +74,57 @@ class StoredThumbnail(NamedTuple):
     jpeg: bytes
 
 
+def _decode(rows: list[tuple[int, bytes]], dim: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids (n,) int64, vectors (n, dim) float32)`` of ``(id, blob)`` rows.
+
+    Raises:
+        IndexChangedError: a blob is not ``dim`` floats: a writer re-embedded the index with
+            another model since its manifest was read.
+    """
+    if any(len(r[1]) != 4 * dim for r in rows):
+        raise IndexChangedError(
+            f"{path} holds vectors of another dimension than {dim}: "
+            "the index was re-embedded meanwhile; open it again"
+        )
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
+    return ids, vectors.astype(np.float32)  # a native, writable copy
+
+
+class VectorSnapshot:
+    """The stored vectors as of one moment, read ``chunk`` rows at a time, as often as needed.
+
+    It reads through a connection of its own inside one read transaction: a commit meanwhile,
+    by any process, is not seen (WAL readers see the database as of their first read), so every
+    pass yields the same rows (issue 13, defect 6) while memory stays one chunk (defect 17).
+    Made by :meth:`Store.snapshot_chunks`; a :class:`~mocoretrieval.ann.VectorSource`.
+
+    Attributes:
+        generation: the store generation of these vectors.
+        n: how many there are.
+        dim: their dimension.
+    """
+
+    def __init__(self, db: sqlite3.Connection, path: Path, dim: int, chunk: int) -> None:
+        self._db, self.path, self.dim, self.chunk = db, path, dim, chunk
+        db.execute("BEGIN")  # deferred: a read transaction, every read one state
+        self.generation = int(
+            db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
+        )
+        self.n = int(db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(ids (m,) int64, vectors (m, dim) float32)`` in id order, m <= chunk."""
+        cursor = self._db.execute("SELECT id, vector FROM vectors ORDER BY id")
+        try:
+            while rows := cursor.fetchmany(self.chunk):
+                yield _decode(rows, self.dim, self.path)
+        except sqlite3.Error as e:
+            raise database_error(self.path, e) from e
+        finally:
+            cursor.close()
+
+
 def database_error(path: Path, e: sqlite3.Error) -> MoCoRetrievalError:
     """The domain error for a failed SQLite call: what happened and what to do, in one line.
 
@@ -221,15 +272,39 @@ class Store:
                 ).fetchall()
             if not rows:
                 return
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
-            yield ids, vectors.reshape(len(rows), self.dim).astype(np.float32)
+            ids, vectors = _decode(rows, self.dim, self.path)
+            yield ids, vectors
             last = int(ids[-1])
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored vector: ``(ids (N,) int64, vectors (N, dim) float32)``, one snapshot."""
         _, ids, vectors = self.snapshot()
         return ids, vectors
+
+    @contextlib.contextmanager
+    def snapshot_chunks(self, chunk: int = 8192) -> Iterator[VectorSnapshot]:
+        """The stored vectors as of now, to read ``chunk`` rows at a time (see
+        :class:`VectorSnapshot`): what a FAISS build reads, never all of them at once.
+
+        Through a connection of its own, so the build neither holds this store's lock (other
+        threads go on searching) nor shares its transaction state.
+        """
+        try:
+            if self.readonly:
+                db = self._connect_readonly()
+            else:
+                db = sqlite3.connect(self.path, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise database_error(self.path, e) from e
+        try:
+            try:
+                snapshot = VectorSnapshot(db, self.path, self.dim, chunk)
+            except sqlite3.Error as e:
+                raise database_error(self.path, e) from e
+            yield snapshot
+        finally:
+            db.rollback()
+            db.close()
 
     def snapshot(self, chunk: int = 8192) -> tuple[int, np.ndarray, np.ndarray]:
         """``(generation, ids (N,) int64, vectors (N, dim) float32)`` read in one transaction.
@@ -242,7 +317,6 @@ class Store:
             IndexChangedError: the stored vectors are not ``dim``-dimensional: a writer
                 re-embedded the index with another model since its manifest was read.
         """
-        size = 4 * self.dim
         with self._lock:
             self._db.execute("BEGIN")  # deferred: a read transaction, every read one state
             try:
@@ -255,15 +329,9 @@ class Store:
                 cursor = self._db.execute("SELECT id, vector FROM vectors ORDER BY id")
                 i = 0
                 while rows := cursor.fetchmany(chunk):
-                    if any(len(r[1]) != size for r in rows):
-                        raise IndexChangedError(
-                            f"{self.path} holds vectors of another dimension than {self.dim}: "
-                            "the index was re-embedded meanwhile; open it again"
-                        )
-                    ids[i : i + len(rows)] = [r[0] for r in rows]
-                    vectors[i : i + len(rows)] = np.frombuffer(
-                        b"".join(r[1] for r in rows), dtype="<f4"
-                    ).reshape(len(rows), self.dim)
+                    ids[i : i + len(rows)], vectors[i : i + len(rows)] = _decode(
+                        rows, self.dim, self.path
+                    )
                     i += len(rows)
             finally:
                 self._db.rollback()

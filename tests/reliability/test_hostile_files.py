@@ -1,11 +1,13 @@
 """Issue 13, defects 4, 11 and 15: a FIFO, dangling links, symlink loops and names that are not
-UTF-8 in the folder; a stuck decoder; a killed indexer's workers; a folder that cannot be listed.
+UTF-8 in the folder; a stuck decoder; a killed indexer's workers; a folder that cannot be listed
+or that lists nothing (an unmounted drive).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from factories import make_images
 
 from mocoretrieval import data, embed
+from mocoretrieval.cli import main
 from mocoretrieval.index import ImageIndex
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +104,21 @@ def test_a_stuck_decoder_is_a_skipped_file_with_its_reason(tmp_path, monkeypatch
     assert sorted(report.added) == ["img_0000.jpg", "img_0002.jpg", "img_0003.png"]
 
 
+def test_a_stuck_decoder_without_workers_is_a_skipped_file(tmp_path, monkeypatch, two_models):
+    """Defect 4 with --workers 0. Fails without the fix: the run waited for the decoder stuck in
+    its own process (20 s here) and then embedded the file."""
+    root = tmp_path / "photos"
+    make_images(root, 4)
+    monkeypatch.setenv("HANG_PID_FILE", str(tmp_path / "pid"))
+    monkeypatch.setattr(data, "load_image", _hang_on("img_0001.png", 20))
+    monkeypatch.setattr(embed, "DECODE_TIMEOUT_S", 1.0, raising=False)
+    t0 = time.monotonic()
+    report = ImageIndex.build(root, model=two_models[0], workers=0, batch_size=2).last_report
+    assert time.monotonic() - t0 < 15
+    assert report.skipped == {"decoding took over 1 s": ["img_0001.png"]}
+    assert sorted(report.added) == ["img_0000.jpg", "img_0002.jpg", "img_0003.png"]
+
+
 _ORPHAN = """
 import os, sys, time
 from pathlib import Path
@@ -178,3 +196,62 @@ def test_a_folder_that_cannot_be_listed_keeps_its_entries(tmp_path, monkeypatch,
     monkeypatch.undo()
     (root / "nas" / "img_0000.jpg").unlink()
     assert index.update(workers=0).removed == ["nas/img_0000.jpg"]  # listable again: in step
+
+
+def _unmount(folder: Path, away: Path) -> None:
+    """What an unmounted drive leaves: its mount point, an empty folder."""
+    folder.rename(away)
+    folder.mkdir()
+
+
+def test_an_empty_folder_keeps_its_entries_until_pruned(tmp_path, two_models, capsys):
+    """Defect 11. Fails without the fix: the images of an unmounted drive (its mount point now an
+    empty folder) were removed from the index, all to be embedded again."""
+    root = tmp_path / "photos"
+    make_images(root, 2)
+    make_images(root / "nas" / "2023", 3, seed=1)
+    make_images(root / "nas", 1, seed=2)
+    index = ImageIndex.build(root, model=two_models[0], workers=0)
+    assert len(index) == 6
+    _unmount(root / "nas", tmp_path / "away")
+    report = index.update(workers=0)
+    assert report.removed == [] and report.empty == {"nas": 4} and len(index) == 6
+    args = ["index", str(root), "--workers", "0", "-q", "--backend", "torch"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "removed 0" in out and "nas/ is empty but held 4 indexed images: kept" in out
+    assert "--prune-empty" in out
+    assert main([*args, "--prune-empty"]) == 0
+    assert "removed 4" in capsys.readouterr().out
+    index.close()
+    with ImageIndex.open(root) as reopened:
+        assert len(reopened) == 2
+
+
+def test_an_empty_root_keeps_every_entry(tmp_path, two_models):
+    """Defect 11. Fails without the fix: an index of an unmounted drive's root (empty but for the
+    index folder) forgot every image."""
+    root = tmp_path / "photos"
+    make_images(root / "sub", 3)
+    index = ImageIndex.build(root, model=two_models[0], workers=0, index_dir=tmp_path / "idx")
+    _unmount(root, tmp_path / "away")
+    report = index.update(workers=0)
+    assert report.removed == [] and report.empty == {".": 3} and len(index) == 3
+    assert len(index.update(workers=0, prune_empty=True).removed) == 3 and len(index) == 0
+
+
+def test_a_deleted_folder_or_emptied_one_with_leftovers_is_a_deletion(tmp_path, two_models):
+    """Defect 11, the other side: a folder deleted outright, or emptied of its images but not of
+    everything (a .DS_Store), is a deletion as before. Passes before the fix too (but for the new
+    ``empty`` field): it guards the fix against keeping real deletions."""
+    root = tmp_path / "photos"
+    make_images(root, 2)
+    make_images(root / "trip", 3, seed=1)
+    make_images(root / "old", 2, seed=2)
+    index = ImageIndex.build(root, model=two_models[0], workers=0)
+    shutil.rmtree(root / "trip")
+    for p in (root / "old").iterdir():
+        p.unlink()
+    (root / "old" / ".DS_Store").write_bytes(b"\0")
+    report = index.update(workers=0)
+    assert report.empty == {} and len(report.removed) == 5 and len(index) == 2
