@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from mocoretrieval.data import load_image, walk_images
@@ -118,6 +120,17 @@ def cut_tiles(
 
 # Folders of desktop artwork: what is not one of the corpus's photographs is a distractor.
 ARTWORK_ROOTS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+# Grey-level standard deviation below which a picture is blank: MATE's transparent PNGs
+# decode to plain white, and blank pictures are one another's exact duplicates.
+BLANK_STD = 2.0
+# A size, orientation or light/dark suffix: NAME_3840x2160, NAME_768x1024_Portrait, NAME-d.
+_VARIANT = re.compile(r"(_\d+x\d+)?(_Portrait)?(-[ld])?$")
+
+
+def variant_of(rel: str) -> str:
+    """The picture a file is a variant of: its path without a size/orientation/light-dark
+    suffix (``mate/abstract/Elephants_3840x2160.jpg`` -> ``mate/abstract/Elephants``)."""
+    return _VARIANT.sub("", str(Path(rel).with_suffix("")), count=1)
 
 
 def write_distractors(
@@ -130,8 +143,10 @@ def write_distractors(
     """Copies every raster image under ``roots`` that is not one of ``photo_files`` (resolved
     paths of the corpus's photographs, trained on or held out) into ``out``, long side at most
     ``max_side``: renders, patterns and illustrations no encoder here trains on, to search
-    copies of held-out photos among. Byte-identical files and plasma's other sizes of one
-    wallpaper are written once (the largest)."""
+    copies of held-out photos among. Byte-identical files and the variants of one picture
+    (plasma's sizes and dark versions; ``_WxH``, ``_Portrait`` and ``-l``/``-d`` suffixes) are written once, the
+    largest; blank pictures are left out. No two distractors are then near-duplicates, which
+    the duplicates evaluation relies on."""
     out = Path(out)
     if out.exists() and not force:
         raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another folder")
@@ -162,7 +177,11 @@ def write_distractors(
                 continue
             seen.add(digest)
             # plasma: NAME/contents/images[_dark]/WxH.ext are one picture per images folder
-            group = f"{root.name}/{'/'.join(parts[:-1])}" if "contents" in parts else f"{root}/{rel}"
+            group = (
+                f"{root.name}/{parts[0]}"  # its sizes, and images_dark/ (a dark variant)
+                if "contents" in parts
+                else f"{root}/{variant_of(rel)}"
+            )
             try:
                 with Image.open(path) as img:
                     pixels = img.size[0] * img.size[1]
@@ -181,8 +200,11 @@ def write_distractors(
             except ImageError as e:
                 skipped.append(str(e))
                 continue
+            if np.asarray(img.convert("L")).std() < BLANK_STD:
+                skipped.append(f"{path}: blank (a transparent picture shows nothing)")
+                continue
             img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            name = group.strip("/").replace("/", "_").rsplit(".", 1)[0]
+            name = group.strip("/").replace("/", "_")
             img.save(tmp / f"{name}.jpg", "JPEG", quality=TILE_QUALITY)
         (tmp / MARKER).write_text(f"distractors: {len(best) - len(skipped)} images of {roots}\n")
         if out.exists():

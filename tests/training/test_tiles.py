@@ -104,13 +104,17 @@ def test_distractors_leave_out_the_photographs(tmp_path):
     backgrounds = tmp_path / "backgrounds"
     _picture(backgrounds / "pattern.jpg", (80, 60), 4)
     (backgrounds / "same-bytes.jpg").write_bytes((backgrounds / "pattern.jpg").read_bytes())
+    _picture(backgrounds / "pattern_160x120.jpg", (160, 120), 7)  # a larger size of it
     _picture(backgrounds / "portrait.jpg", (60, 80), 5)
+    Image.new("RGBA", (50, 50), (0, 0, 0, 0)).save(backgrounds / "transparent.png")
     report = write_distractors(
         tmp_path / "out", {str(photo.resolve())}, roots=(str(wall), str(backgrounds))
     )
     names = sorted(p.name for p in (tmp_path / "out").glob("*.jpg"))
-    # the render once (its largest size), the two distinct backgrounds; no photo, no screenshot
-    assert len(names) == 3 and report.pictures == 3
-    assert not any("Lake" in n for n in names)
+    # the render once (its largest size), the two distinct backgrounds (pattern at its largest
+    # size); no photo, no screenshot, nothing blank
+    assert len(names) == 3 and report.pictures == 3, names
+    assert not any("Lake" in n or "transparent" in n for n in names)
     sizes = sorted(Image.open(tmp_path / "out" / n).size for n in names)
-    assert (96, 54) in sizes and (64, 48) not in sizes
+    assert sizes == [(60, 80), (96, 54), (160, 120)]
+    assert any("blank" in why for why in report.skipped)
