@@ -249,6 +249,14 @@ class Store:
             ).fetchall()
         return {r[0]: FileRecord(*r[1:]) for r in rows}
 
+    def file(self, path: str) -> FileRecord | None:
+        """What is known of one file (relative path), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, vector_id, skip_reason FROM files WHERE path=?", (path,)
+            ).fetchone()
+        return FileRecord(*row) if row else None
+
     def count(self) -> int:
         """Number of stored vectors (= embedded files)."""
         with self._lock:
