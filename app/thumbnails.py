@@ -1,14 +1,14 @@
-"""Result thumbnails for the page: stored in the index at indexing time, else decoded from the
-file, and only ever for files whose real path is inside the indexed root."""
+"""Result thumbnails for the page: stored in the index at indexing time
+(`ImageIndex.thumbnail`), else decoded from the file, and only ever for files whose real path is
+inside the indexed root."""
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,16 +16,15 @@ from typing import Any
 from PIL import Image
 
 from mocoretrieval.data import load_image
+from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
-from mocoretrieval.store import StoredThumbnail
 
 logger = logging.getLogger(__name__)
 
 # Thumbnails, not originals, go to the browser: a 12 MP photo is ~5 MB, a 320 px JPEG ~20 kB,
 # and a gallery cell (about 170 px wide) is smaller than that anyway. The index stores one per
-# file, made at indexing time (mocoretrieval.embed.DEFAULT_THUMBNAIL_SIZE, the same side); files
-# without one (an index built before them) are decoded here.
-THUMB_SIDE = 320
+# file, made at indexing time (DEFAULT_THUMBNAIL_SIZE, the side decoded ones get too); files
+# without a usable one (an index built before them, a file edited since) are decoded here.
 THUMB_THREADS = 4
 THUMB_CACHE = 256  # thumbnails kept in memory: 256 x 320x240 RGB is about 60 MB at most
 
@@ -60,7 +59,7 @@ def resolve_in_root(root: str | Path, rel: str | Path) -> Path:
     return real
 
 
-def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> Image.Image:
+def thumbnail(path: str | Path, side: int = DEFAULT_THUMBNAIL_SIZE) -> Image.Image:
     """An RGB thumbnail fitting a ``side`` square, decoded as the indexer decodes images.
 
     Recent thumbnails are kept in memory (keyed by the file's real path, size and modification
@@ -97,32 +96,18 @@ def _decode_thumbnail(path: str, side: int) -> Image.Image:
     return image
 
 
-def stored_thumbnails(index: Any, rels: Sequence[str]) -> dict[str, StoredThumbnail]:
-    """The thumbnails the index stored for ``rels`` (relative paths); {} when it has none."""
-    lookup = getattr(getattr(index, "store", None), "thumbnails", None)
-    if lookup is None or not rels:
-        return {}
+def stored_thumbnail(index: Any, rel: str) -> Image.Image | None:
+    """The thumbnail ``index`` stored for ``rel``, or None when it has no usable one (not
+    stored, or the file was edited since): then the file is decoded instead."""
+    if index is None:
+        return None
     try:
-        return lookup(rels)
+        return index.thumbnail(rel)
+    except MoCoRetrievalError as e:
+        logger.debug("no stored thumbnail: %s", e)
     except Exception:  # a thumbnail is never worth failing a search for
-        logger.exception("reading stored thumbnails failed; decoding the files instead")
-        return {}
-
-
-def _open_stored(real: Path, stored: StoredThumbnail | None) -> Image.Image | None:
-    """The stored thumbnail as an image, if it was made from the file as it is now."""
-    if stored is None:
-        return None
-    try:
-        st = real.stat()
-        if (st.st_size, st.st_mtime_ns) != tuple(stored.stat):
-            return None  # edited since indexing: the stored one shows the old content
-        image = Image.open(io.BytesIO(stored.jpeg))
-        image.load()
-        return image
-    except Exception as e:  # noqa: BLE001 - decode the file instead
-        logger.debug("%s: stored thumbnail unusable: %s", real, e)
-        return None
+        logger.exception("reading the stored thumbnail of %s failed; decoding the file", rel)
+    return None
 
 
 def clear_thumbnail_cache() -> None:
@@ -130,17 +115,10 @@ def clear_thumbnail_cache() -> None:
     _cached_thumbnail.cache_clear()
 
 
-def safe_thumbnail(
-    root: str | Path, rel: str, stored: StoredThumbnail | None = None
-) -> Image.Image | None:
-    """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable.
-
-    The stored thumbnail is shown only after the file passed the same checks as a decoded one
-    (inside the root, a regular file) and only if the file is unchanged since it was made.
-    """
+def _resolved(root: str | Path, rel: str) -> Path | None:
+    """:func:`resolve_in_root`, or None (logged) if the file is outside the root or unusable."""
     try:
-        real = resolve_in_root(root, rel)
-        return _open_stored(real, stored) or thumbnail(real)
+        return resolve_in_root(root, rel)
     except PathOutsideRootError as e:
         logger.warning("%s", e)
     except ImageError as e:
@@ -148,12 +126,42 @@ def safe_thumbnail(
     return None
 
 
+def _decoded(real: Path) -> Image.Image | None:
+    try:
+        return thumbnail(real)
+    except ImageError as e:
+        logger.info("not shown: %s", e)
+    return None
+
+
+def safe_thumbnail(root: str | Path, rel: str, index: Any = None) -> Image.Image | None:
+    """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable.
+
+    The thumbnail ``index`` stored is shown only after the file passed the same checks as a
+    decoded one (inside the root, a regular file); the index gives it only while the file is
+    unchanged since it was made.
+    """
+    return safe_thumbnails(root, [rel], index)[0]
+
+
 def safe_thumbnails(
-    root: str | Path, rels: Sequence[str], stored: Mapping[str, StoredThumbnail]
+    root: str | Path, rels: Sequence[str], index: Any = None
 ) -> list[Image.Image | None]:
-    """:func:`safe_thumbnail` of each of ``rels``, files to decode in parallel threads."""
-    if len(rels) <= 1 or all(rel in stored for rel in rels):  # no decoding: threads cost more
-        return [safe_thumbnail(root, rel, stored.get(rel)) for rel in rels]
-    # Pillow releases the GIL while decoding, so the thumbnails are made in parallel threads.
-    with ThreadPoolExecutor(max_workers=THUMB_THREADS) as pool:
-        return list(pool.map(lambda rel: safe_thumbnail(root, rel, stored.get(rel)), rels))
+    """:func:`safe_thumbnail` of each of ``rels``: stored ones first, then the files without
+    one decoded in parallel threads."""
+    out: list[Image.Image | None] = [None] * len(rels)
+    todo: list[tuple[int, Path]] = []
+    for i, rel in enumerate(rels):
+        real = _resolved(root, rel)
+        if real is not None:
+            out[i] = stored_thumbnail(index, rel)
+            if out[i] is None:
+                todo.append((i, real))
+    if len(todo) <= 1:  # no decoding to share: threads cost more
+        decoded = [_decoded(real) for _, real in todo]
+    else:  # Pillow releases the GIL while decoding: the thumbnails are made in parallel
+        with ThreadPoolExecutor(max_workers=THUMB_THREADS) as pool:
+            decoded = list(pool.map(_decoded, (real for _, real in todo)))
+    for (i, _), image in zip(todo, decoded):
+        out[i] = image
+    return out

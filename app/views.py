@@ -24,18 +24,15 @@ from mocoretrieval.data import load_image
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
 
 from .thumbnails import (
-    THUMB_SIDE,
     PathOutsideRootError,
     clear_thumbnail_cache,
     resolve_in_root,
     safe_thumbnail,
     safe_thumbnails,
-    stored_thumbnails,
     thumbnail,
 )
 
 __all__ = [  # the thumbnail API, re-exported: callers and tests use it through `views`
-    "THUMB_SIDE",
     "PathOutsideRootError",
     "clear_thumbnail_cache",
     "resolve_in_root",
@@ -69,14 +66,6 @@ class SearchOutcome:
     items: list[GalleryItem] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     message: str = ""
-
-
-def relative_path(root: str | Path, path: str | Path) -> str:
-    """``path`` as the page shows it: POSIX, relative to the root (lexically; no disk access)."""
-    p = Path(path)
-    if p.is_absolute():
-        p = Path(os.path.relpath(p, root))
-    return p.as_posix()
 
 
 def check_upload(
@@ -141,14 +130,14 @@ def gallery_items(
 
     Args:
         root: the indexed root.
-        results: objects with ``.path`` (relative to the root, or absolute) and ``.score``.
+        results: the index's `SearchResult`s (``.relpath`` and ``.score`` are used).
         index: the index whose stored thumbnails to show; None decodes every file.
 
     Returns:
         (items, their relative paths, how many results were left out).
     """
-    rels = [relative_path(root, r.path) for r in results]
-    thumbs = safe_thumbnails(root, rels, stored_thumbnails(index, rels))
+    rels = [r.relpath for r in results]
+    thumbs = safe_thumbnails(root, rels, index)
     items, paths = [], []
     for rel, r, thumb in zip(rels, results, thumbs):
         if thumb is not None:
@@ -225,7 +214,7 @@ def search_indexed(index: Any, rel: str, k: Any) -> SearchOutcome:
 
 def query_thumbnail(index: Any, rel: str) -> Image.Image | None:
     """A thumbnail of an indexed image to show as the query, or None if it cannot be shown."""
-    return safe_thumbnails(_root(index), [rel], stored_thumbnails(index, [rel]))[0]
+    return safe_thumbnail(_root(index), rel, index)
 
 
 # --- index summary, near-duplicates, examples ----------------------------------------------
@@ -301,10 +290,7 @@ def find_duplicates(index: Any, threshold: float) -> DuplicateView:
     except Exception:  # the page must never show a traceback; the server log keeps it
         logger.exception("duplicates failed")
         return DuplicateView(message="**Duplicate search failed unexpectedly**; see the log.")
-    root = _root(index)
-    groups = sorted(
-        ([relative_path(root, r.path) for r in g] for g in found), key=len, reverse=True
-    )
+    groups = sorted(([r.relpath for r in g] for g in found), key=len, reverse=True)
     if not groups:
         return DuplicateView(message=f"No near-duplicates at similarity ≥ {threshold:.2f}.")
     labels = [f"{i + 1}. {g[0]} (+{len(g) - 1})" for i, g in enumerate(groups)]
@@ -320,26 +306,24 @@ def group_items(
     if label not in labels:
         return []
     group = list(view_groups[list(labels).index(label)])
-    thumbs = safe_thumbnails(_root(index), group, stored_thumbnails(index, group))
+    thumbs = safe_thumbnails(_root(index), group, index)
     return [(thumb, rel) for thumb, rel in zip(thumbs, group) if thumb is not None]
 
 
 def example_items(index: Any, n: int) -> list[GalleryItem]:
     """Thumbnails of ``n`` images spread evenly over the index, captioned with their paths."""
     try:
-        files = index.store.files()
+        paths = index.paths()
     except MoCoRetrievalError as e:
         logger.warning("no examples: %s", e)
         return []
-    paths = sorted(p for p, record in files.items() if record.vector_id is not None)  # not skipped
     step = max(1, len(paths) // max(1, n))
     spread = paths[::step] + [p for i, p in enumerate(paths) if i % step]  # then fill the gaps
     items: list[GalleryItem] = []
-    stored = stored_thumbnails(index, spread[: 2 * n])  # more only if many cannot be shown
     for rel in spread:
         if len(items) == n:
             break
-        thumb = safe_thumbnail(_root(index), rel, stored.get(rel))
+        thumb = safe_thumbnail(_root(index), rel, index)
         if thumb is not None:
             items.append((thumb, rel))
     return items

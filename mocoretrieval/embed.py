@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 # against ~130-170 ms for a ResNet-50 forward (benchmarks/RESULTS.md, index_throughput), so a
 # few workers keep a CPU model fed; more would only take cores from it.
 MAX_AUTO_WORKERS = 4
-# The app's gallery thumbnails (app.thumbnails.THUMB_SIDE): made while the image is decoded.
+# The app's gallery thumbnails (also the side app.thumbnails decodes files to when the index
+# has none): made while the image is decoded.
 DEFAULT_THUMBNAIL_SIZE = 320
 # A file whose decoding takes longer is skipped as a stuck decoder. Draft-mode decoding of a
 # large photo takes well under a second; a minute is patience, not a limit on real files.

@@ -7,6 +7,7 @@ and rebuilt from them — never by the model — when it is missing, corrupt or 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -53,10 +54,12 @@ Query = str | os.PathLike | Image.Image | np.ndarray
 
 
 class SearchResult(NamedTuple):
-    """One hit: the image's absolute path and its cosine similarity to the query."""
+    """One hit: the image's absolute path, its cosine similarity to the query, and its path
+    relative to the indexed root (POSIX, as :meth:`ImageIndex.paths` lists it)."""
 
     path: str
     score: float
+    relpath: str
 
 
 @dataclass
@@ -108,6 +111,16 @@ class DeferredModel:
 def _under(path: str, folders: dict[str, str]) -> bool:
     """Whether ``path`` is inside one of ``folders`` (POSIX, relative; ``"."`` is the root)."""
     return any(f == "." or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
+def _inside_root(rel: str) -> str | None:
+    """A stored relative path, normalised; None for one that is absolute or leaves the root
+    (``../../etc/passwd``): the database is not trusted."""
+    norm = os.path.normpath(rel) if rel and "\x00" not in rel else ""
+    if not norm or norm in (".", "..") or os.path.isabs(norm) or norm.startswith("../"):
+        log.warning("ignoring stored path %s: it is not inside the root", _display(rel))
+        return None
+    return norm
 
 
 def _display(text: str) -> str:
@@ -635,21 +648,22 @@ class ImageIndex:
         scores, ids = index.search(vectors, min(k, index.ntotal))
         paths = self._stored_paths(ids.ravel())
         return [
-            [SearchResult(paths[i], float(s)) for s, i in zip(row_s, row_i) if i in paths]
+            [self._result(paths[i], s) for s, i in zip(row_s, row_i) if i in paths]
             for row_s, row_i in zip(scores, ids)
         ]
 
     def _stored_paths(self, vector_ids: Any) -> dict[int, str]:
-        """Absolute paths of stored vector ids, normalised; the database is not trusted, so a
-        stored path that is absolute or leaves the root (``../../etc/passwd``) is left out."""
+        """Relative paths of stored vector ids, normalised; stored paths outside the root are
+        left out (see :func:`_inside_root`)."""
         out: dict[int, str] = {}
         for i, rel in self.store.paths_of(vector_ids).items():
-            norm = os.path.normpath(rel) if rel and "\x00" not in rel else ""
-            if not norm or norm in (".", "..") or os.path.isabs(norm) or norm.startswith("../"):
-                log.warning("ignoring stored path %s: it is not inside the root", _display(rel))
-                continue
-            out[i] = str(self.root / norm)
+            norm = _inside_root(rel)
+            if norm is not None:
+                out[i] = norm
         return out
+
+    def _result(self, rel: str, score: float) -> SearchResult:
+        return SearchResult(str(self.root / rel), float(score), rel)
 
     def duplicates(
         self,
@@ -692,12 +706,75 @@ class ImageIndex:
         paths = self._stored_paths(best)
         out = [
             sorted(
-                (SearchResult(paths[i], best[i]) for i in members if i in paths),
+                (self._result(paths[i], best[i]) for i in members if i in paths),
                 key=lambda r: (-r.score, r.path),
             )
             for members in groups.values()
         ]
         return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0].path))
+
+    # --- what the index holds -------------------------------------------------------------
+
+    def paths(self) -> list[str]:
+        """The indexed images (embedded, not skipped), relative to the root, POSIX, sorted."""
+        self._sync()
+        return [
+            norm
+            for rel, record in sorted(self.store.files().items())
+            if record.vector_id is not None and (norm := _inside_root(rel)) is not None
+        ]
+
+    def thumbnail(self, path: str) -> Image.Image:
+        """The thumbnail stored for an indexed image when it was embedded (its longest side at
+        most :data:`~mocoretrieval.embed.DEFAULT_THUMBNAIL_SIZE`).
+
+        It is given only while the file is as it was then (same size and modification time):
+        an edited file's stored thumbnail shows its old content.
+
+        Args:
+            path: the image's path relative to the root, as :meth:`paths` and
+                :attr:`SearchResult.relpath` give it.
+
+        Raises:
+            ImageError: the image is not indexed, has no stored thumbnail (an index built
+                before thumbnails were stored), is gone or changed since it was indexed; make
+                a thumbnail from the file instead, or update the index.
+        """
+        stored = self.store.thumbnails([path]).get(path)
+        if stored is None:
+            record = self.store.file(path)
+            if record is None or record.vector_id is None:
+                raise ImageError(
+                    f"not in the index of {self.root}: pass a path relative to the root as "
+                    "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
+                    path,
+                )
+            raise ImageError(
+                "no stored thumbnail (indexed before thumbnails were stored): make one from "
+                "the file, or re-index with --rebuild to store them",
+                path,
+            )
+        norm = _inside_root(path)
+        if norm is None:
+            raise ImageError("not inside the indexed root", path)
+        try:
+            st = os.stat(self.root / norm)
+        except OSError:
+            raise ImageError("file not found (moved or deleted since indexing?)", path) from None
+        if (st.st_size, st.st_mtime_ns) != tuple(stored.stat):
+            raise ImageError(
+                "changed since it was indexed: run `mocoretrieval index` to update the index, "
+                "or make a thumbnail from the file",
+                path,
+            )
+        try:
+            image = Image.open(io.BytesIO(stored.jpeg))
+            image.load()
+        except Exception as e:  # noqa: BLE001 - a damaged blob: say so, with the fix
+            raise ImageError(
+                f"its stored thumbnail is damaged ({e}): re-index with --rebuild", path
+            ) from None
+        return image
 
     def info(self) -> dict[str, Any]:
         """Model, count, dimension, index type, last update and skipped files."""

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .backbones import RESNETS, VITS
+from .embed import available_cpus
 from .encoder import MoCoEncoder
 from .errors import BackendError, MoCoRetrievalError
 from .onnx_export import (
@@ -55,13 +56,6 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "mocoretrieval" / "onnx"
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 # --- the encoder ----------------------------------------------------------------------------
 
 
@@ -94,7 +88,7 @@ class OnnxEncoder:
         if not self.path.is_file():
             raise BackendError(f"no ONNX model at {self.path}; write one with `export-onnx`")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or _available_cores()
+        opts.intra_op_num_threads = threads or available_cpus()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle threads sleep instead of spinning: the image decoders share these cores. Indexing
         # 40 4-MPix JPEGs with ResNet-50 on 2 cores: 1.4-1.5x the images/s and 0.75-0.9x the CPU.

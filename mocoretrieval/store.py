@@ -22,6 +22,8 @@ import numpy as np
 from .errors import DiskFullError, IndexChangedError, IndexFormatError, MoCoRetrievalError
 
 SCHEMA_VERSION = 1
+# Values per ``IN (...)`` list: SQLite caps the parameters of one statement (999 before 3.32).
+_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -249,6 +251,14 @@ class Store:
             ).fetchall()
         return {r[0]: FileRecord(*r[1:]) for r in rows}
 
+    def file(self, path: str) -> FileRecord | None:
+        """What is known of one file (relative path), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, vector_id, skip_reason FROM files WHERE path=?", (path,)
+            ).fetchone()
+        return FileRecord(*row) if row else None
+
     def count(self) -> int:
         """Number of stored vectors (= embedded files)."""
         with self._lock:
@@ -337,40 +347,38 @@ class Store:
                 self._db.rollback()
         return generation, ids, vectors
 
+    def _select_in(self, query: str, values: Sequence[object]) -> list[tuple]:
+        """The rows of ``query``, whose ``{marks}`` is an ``IN`` list, for all of ``values``:
+        run :data:`_IN_CHUNK` values at a time, as SQLite caps the parameters of a statement."""
+        rows: list[tuple] = []
+        with self._lock:
+            for start in range(0, len(values), _IN_CHUNK):
+                chunk = values[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows += self._db.execute(query.format(marks=marks), chunk).fetchall()
+        return rows
+
     def paths_of(self, vector_ids: Iterable[int]) -> dict[int, str]:
         """Relative paths of the given vector ids (unknown ids are left out)."""
         wanted = sorted({int(i) for i in vector_ids if i >= 0})
-        out: dict[int, str] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):  # SQLite caps the number of parameters
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                out.update(
-                    self._db.execute(
-                        f"SELECT vector_id, path FROM files WHERE vector_id IN ({marks})", chunk
-                    ).fetchall()
-                )
-        return out
+        return dict(
+            self._select_in(
+                "SELECT vector_id, path FROM files WHERE vector_id IN ({marks})", wanted
+            )
+        )
 
     def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
         """The stored thumbnails of embedded files, by relative path (files without one, or an
         index built before thumbnails were stored, are left out)."""
-        wanted = sorted(set(paths))
-        out: dict[str, StoredThumbnail] = {}
-        with self._lock:
-            for start in range(0, len(wanted), 500):  # SQLite caps the number of parameters
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                try:
-                    rows = self._db.execute(
-                        "SELECT f.path, f.size, f.mtime_ns, t.jpeg FROM files f JOIN thumbnails t "
-                        f"ON t.vector_id = f.vector_id WHERE f.path IN ({marks})",
-                        chunk,
-                    ).fetchall()
-                except sqlite3.OperationalError:  # no such table: opened read-only, pre-thumbnails
-                    return {}
-                out.update((r[0], StoredThumbnail(FileStat(r[1], r[2]), r[3])) for r in rows)
-        return out
+        try:
+            rows = self._select_in(
+                "SELECT f.path, f.size, f.mtime_ns, t.jpeg FROM files f JOIN thumbnails t "
+                "ON t.vector_id = f.vector_id WHERE f.path IN ({marks})",
+                sorted(set(paths)),
+            )
+        except sqlite3.OperationalError:  # no such table: opened read-only, pre-thumbnails
+            return {}
+        return {r[0]: StoredThumbnail(FileStat(r[1], r[2]), r[3]) for r in rows}
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         with self._lock:

@@ -37,9 +37,7 @@ def build_photo_index(base: Path) -> Any:
 def shown_paths(index: Any, results: Any) -> list[str]:
     """What the page shows of ``ImageIndex.search`` results: relative paths, minus the symlink
     that points outside the root."""
-    from app.views import relative_path
-
-    paths = [relative_path(index.root, r.path) for r in results]
+    paths = [r.relpath for r in results]
     return [p for p in paths if p != "link_out.png"]
 
 

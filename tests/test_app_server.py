@@ -47,7 +47,7 @@ def test_search_endpoint_matches_image_index(served, tmp_path):
     expected = index.search(query, k=5)
     got = [views.parse_caption(item["caption"]) for item in gallery]
     assert [p for p, _ in got] == shown_paths(index, expected)
-    scores = {views.relative_path(index.root, r.path): r.score for r in expected}
+    scores = {r.relpath: r.score for r in expected}
     assert [s for _, s in got] == pytest.approx([scores[p] for p, _ in got], abs=1e-3)
     assert got[0][0] == "sub/img_0001.png"
     assert ("could not be shown" in message) == (len(got) < len(expected))

@@ -3,14 +3,15 @@ summary, near-duplicates and examples."""
 
 from __future__ import annotations
 
-import io
 import shutil
+from pathlib import Path
 
 import pytest
 from app_helpers import build_photo_index, make_images, make_tiny_encoder, shown_paths
 from PIL import Image
 
 from app import thumbnails, views
+from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
 from mocoretrieval.errors import ImageError
 
 
@@ -22,7 +23,7 @@ def photo_index(tmp_path_factory):
 
 
 def rel(index, result) -> str:
-    return views.relative_path(index.root, result.path)
+    return result.relpath
 
 
 # --- paths: nothing outside the root ---------------------------------------------------------
@@ -68,7 +69,9 @@ def test_search_upload_matches_index_search(photo_index):
     assert [p for p, _ in parsed] == out.paths
     scores = {rel(photo_index, r): r.score for r in expected}
     assert [s for _, s in parsed] == pytest.approx([scores[p] for p in out.paths], abs=1e-3)
-    assert all(max(img.size) <= views.THUMB_SIDE and img.mode == "RGB" for img, _ in out.items)
+    assert all(
+        max(img.size) <= DEFAULT_THUMBNAIL_SIZE and img.mode == "RGB" for img, _ in out.items
+    )
 
 
 def test_search_indexed_and_k_is_clamped(photo_index):
@@ -194,13 +197,14 @@ def test_near_duplicate_groups(photo_index):
 def test_examples_are_indexed_images(photo_index):
     items = views.example_items(photo_index, 4)
     assert len(items) == 4
-    indexed = {p for p, rec in photo_index.store.files().items() if rec.vector_id is not None}
+    indexed = set(photo_index.paths())
     assert all(isinstance(img, Image.Image) and caption in indexed for img, caption in items)
 
 
-def test_relative_path(tmp_path):
-    assert views.relative_path(tmp_path, tmp_path / "a" / "b.jpg") == "a/b.jpg"
-    assert views.relative_path(tmp_path, "a/b.jpg") == "a/b.jpg"
+def test_results_carry_the_relative_path_the_page_shows(photo_index):
+    results = photo_index.search(photo_index.root / "sub" / "img_0001.png", k=3)
+    assert results[0].relpath == "sub/img_0001.png"
+    assert all(r.relpath == Path(r.path).relative_to(photo_index.root).as_posix() for r in results)
 
 
 def test_thumbnail_fits_the_box_and_reads_large_jpegs_at_reduced_scale(tmp_path):
@@ -248,10 +252,10 @@ def test_results_come_from_stored_thumbnails(photo_index, decoded):
     out = views.search_upload(photo_index, query, k=8)
     assert out.paths == shown_paths(photo_index, photo_index.search(query, k=8))
     assert decoded == []  # nothing decoded from the files
-    stored = photo_index.store.thumbnails(out.paths)
     for (image, _), path in zip(out.items, out.paths):
-        with Image.open(io.BytesIO(stored[path].jpeg)) as jpeg:
-            assert image.size == jpeg.size and image.tobytes() == jpeg.convert("RGB").tobytes()
+        jpeg = photo_index.thumbnail(path)
+        assert jpeg.format == "JPEG"
+        assert image.size == jpeg.size and image.tobytes() == jpeg.convert("RGB").tobytes()
     # Examples, the query view and duplicate groups are served from the store too.
     assert len(views.example_items(photo_index, 4)) == 4
     assert views.query_thumbnail(photo_index, "sub/img_0001.png") is not None
@@ -259,7 +263,7 @@ def test_results_come_from_stored_thumbnails(photo_index, decoded):
 
 
 def test_stored_thumbnail_of_a_symlink_out_of_the_root_is_never_shown(photo_index, decoded):
-    assert "link_out.png" in photo_index.store.thumbnails(["link_out.png"])  # it was indexed
+    assert photo_index.thumbnail("link_out.png") is not None  # it was indexed
     assert views.query_thumbnail(photo_index, "link_out.png") is None
     _, paths, left_out = views.gallery_items(
         photo_index.root, photo_index.search(photo_index.root / "link_out.png", k=3), photo_index
@@ -293,7 +297,14 @@ def test_a_file_edited_since_indexing_is_decoded_not_shown_stale(tmp_path, decod
         assert decoded == [str((root / "img_0001.png").resolve())]
 
 
-def test_the_index_stores_thumbnails_of_the_size_the_page_shows():
-    from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
+def test_the_index_stores_thumbnails_of_the_size_the_page_shows(tmp_path):
+    from mocoretrieval.index import ImageIndex
 
-    assert DEFAULT_THUMBNAIL_SIZE == views.THUMB_SIDE
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (1600, 800), (200, 30, 30)).save(root / "wide.jpg")
+    encoder = make_tiny_encoder(resize_size=400)  # decoded for the model at >= 400 px
+    with ImageIndex.build(root, model=encoder, workers=0) as index:
+        stored = index.thumbnail("wide.jpg")
+    decoded = views.thumbnail(root / "wide.jpg")  # the page's own, for files without one
+    assert stored.size == decoded.size == (DEFAULT_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE // 2)

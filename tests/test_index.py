@@ -3,6 +3,7 @@ model pinning, a stale or corrupt FAISS file, and a kill -9 in the middle of a r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -95,6 +96,55 @@ def test_duplicates_groups_copies_only(built):
         ["copy_of_3.png", "img_0003.png"]
     ]
     assert all(r.score == pytest.approx(1.0, abs=1e-5) for r in groups[0])
+
+
+def test_paths_and_relative_paths_of_results(built):
+    index, root, _ = built
+    assert index.paths() == _images(root)
+    results = index.search(root / "sub" / "img_0002.jpg", k=4)
+    assert results[0].relpath == "sub/img_0002.jpg"
+    for r in results:
+        assert r.path == str(root / r.relpath) and r.relpath in index.paths()
+    groups = index.duplicates(threshold=0.99999)
+    assert sorted(r.relpath for r in groups[0]) == ["img_0003.png", "sub/copy_of_3.png"]
+
+
+def test_paths_leave_out_skipped_files(tmp_path, tiny_encoder):
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    (root / "broken.jpg").write_bytes(b"not an image")
+    with ImageIndex.build(root, model=tiny_encoder, workers=WORKERS) as index:
+        assert "broken.jpg" in index.info()["skipped"]
+        assert index.paths() == ["img_0000.jpg", "img_0001.png", "img_0002.jpg"]
+
+
+def test_thumbnail_of_an_indexed_image_or_an_error_that_says_why(tmp_path, tiny_encoder):
+    from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
+    from mocoretrieval.errors import ImageError
+
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    (root / "broken.jpg").write_bytes(b"not an image")
+    with ImageIndex.build(root, model=tiny_encoder, workers=WORKERS) as index:
+        thumb = index.thumbnail("img_0001.png")
+        assert thumb.format == "JPEG" and max(thumb.size) <= DEFAULT_THUMBNAIL_SIZE
+        jpeg = index.store.thumbnails(["img_0001.png"])["img_0001.png"].jpeg
+        with Image.open(io.BytesIO(jpeg)) as expected:
+            assert thumb.tobytes() == expected.tobytes()
+        for path in ("nope.jpg", "broken.jpg", str(root / "img_0001.png")):
+            with pytest.raises(ImageError, match="not in the index.*ImageIndex.paths"):
+                index.thumbnail(path)
+        Image.new("RGB", (20, 20)).save(root / "img_0002.jpg")  # edited, not re-indexed
+        with pytest.raises(ImageError, match="changed since it was indexed"):
+            index.thumbnail("img_0002.jpg")
+        (root / "img_0000.jpg").unlink()
+        with pytest.raises(ImageError, match="file not found"):
+            index.thumbnail("img_0000.jpg")
+        index.update(workers=WORKERS)
+        assert index.thumbnail("img_0002.jpg").size == (20, 20)  # re-made with the file
+        index.store._db.execute("DELETE FROM thumbnails")  # as an index built before them
+        with pytest.raises(ImageError, match="no stored thumbnail"):
+            index.thumbnail("img_0002.jpg")
 
 
 def test_info(built):

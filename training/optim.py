@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 
 
+# Not timm's Lars: trust ratio over ||g||+wd||w||, not ||g+wd w||; state not "mu" (see its test)
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as MoCo v3 uses it (``moco/optimizer.py``).
 

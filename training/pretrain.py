@@ -4,6 +4,10 @@ One process trains on the CPU or one GPU; ``torchrun --nproc_per_node N -m train
 trains with DDP (NCCL on GPUs, gloo on CPUs). Rank 0 logs JSON lines (stdout and
 ``OUT_DIR/log.jsonl``), writes ``OUT_DIR/checkpoint.pth`` atomically after every epoch, and at
 the end exports the base encoder to ``OUT_DIR/encoder`` (``MoCoEncoder.save_pretrained``).
+
+Read top-down as moco-v3's ``main_moco.py``: :func:`setup` (build, resume, DDP), then per epoch
+:func:`train_one_epoch`, :func:`evaluate` (kNN) and :func:`save_checkpoint`, and at the end
+:func:`export_encoder`; :func:`train` only strings them together.
 """
 
 from __future__ import annotations
@@ -134,16 +138,114 @@ def train_step(
     return loss.detach()
 
 
-def train(
-    cfg: PretrainConfig, data: DataOptions, run: RunOptions, explicit: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Runs (or resumes) pretraining; returns a summary (epochs, kNN history, paths).
+# --- setting a run up ----------------------------------------------------------------------
 
-    Args:
-        cfg: the recipe.
-        data: where the images come from.
-        run: where to write, and how to run.
-        explicit: config fields the user set; on resume they must match the checkpoint's.
+
+@dataclasses.dataclass
+class Trainer:
+    """A run once set up by :func:`setup`: the recipe, the model built (and resumed), what feeds
+    it, and where it is. Plain state: the functions below read and advance it."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    out: Path
+    moco: nn.Module  # what is checkpointed, evaluated and exported
+    model: nn.Module  # what is trained: ``moco``, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    source: Any  # yields the view pairs of an epoch (`loaders.build_train`)
+    sampler: EpochSampler
+    knn_sets: KnnSets | None  # rank 0 only, when the recipe evaluates kNN
+    data_info: dict[str, Any]
+    channels_last: bool
+    log: JsonLog
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimisation steps done
+    knn_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    resumed_from: Path | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / ckpt_io.CHECKPOINT_NAME
+
+
+def _resume_point(out: Path, run: RunOptions) -> Path | None:
+    """The checkpoint to continue from, if any; refuses to overwrite a run not asked to resume."""
+    checkpoint = out / ckpt_io.CHECKPOINT_NAME
+    if not run.resume and checkpoint.is_file():
+        raise ConfigError(
+            f"{out} already holds a run's checkpoint; pass --resume to continue it, or choose "
+            "another --out-dir"
+        )
+    if run.resume == "auto":
+        return checkpoint if checkpoint.is_file() else None
+    return Path(run.resume) if run.resume else None
+
+
+def _resumed_config(
+    cfg: PretrainConfig, state: dict[str, Any], explicit: Sequence[str]
+) -> PretrainConfig:
+    """The checkpoint's recipe; the options the user set must agree with it."""
+    saved = PretrainConfig.from_dict(state["config"])
+    clash = [k for k in explicit if getattr(saved, k) != getattr(cfg, k)]
+    if clash:
+        raise ConfigError(
+            f"--resume continues the checkpoint's recipe, but {', '.join(clash)} differ from "
+            "it; drop those options or start a new run in another --out-dir"
+        )
+    return saved
+
+
+def _check_batch(cfg: PretrainConfig, world: int) -> None:
+    per_rank = cfg.batch_size // world
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide among {world} processes")
+    splits = max(1, cfg.shuffle_bn_groups // world) if cfg.version != "v3" else 1
+    if per_rank % splits:
+        raise ConfigError(
+            f"batch of {per_rank} per process does not split into {splits} "
+            "shuffle-BN groups; change batch_size or shuffle_bn_groups"
+        )
+
+
+def _restore(t: Trainer, state: dict[str, Any]) -> None:
+    """Continues from a checkpoint: weights, optimizer, data order, counters and RNG streams."""
+    t.moco.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.sampler.load_state_dict(state["sampler"])
+    t.epoch, t.step, t.knn_history = state["epoch"], state["step"], list(state["knn"])
+    if len(state["rng"]) == t.world:
+        ckpt_io.set_rng_state(state["rng"][t.rank])
+    else:
+        logger.warning(
+            "checkpoint from %d processes, now %d: RNG streams start afresh",
+            len(state["rng"]),
+            t.world,
+        )
+        _seed_all(t.cfg.seed * 1000 + t.epoch * 10 + t.rank)
+
+
+def _wrap_ddp(moco: nn.Module, cfg: PretrainConfig, device: torch.device) -> nn.Module:
+    if cfg.sync_bn and device.type == "cuda":  # MoCo v3: BN statistics over all GPUs
+        moco = nn.SyncBatchNorm.convert_sync_batchnorm(moco)
+    elif cfg.sync_bn:
+        logger.warning("SyncBN needs GPUs; on CPU each process normalises its own batch")
+    return nn.parallel.DistributedDataParallel(
+        moco, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def setup(
+    cfg: PretrainConfig, data: DataOptions, run: RunOptions, explicit: Sequence[str] = ()
+) -> Trainer:
+    """Joins the process group, builds model, optimizer and data, resumes from a checkpoint
+    when asked, wraps the model in DDP under torchrun, and logs the start or the resume.
+
+    Raises:
+        ConfigError: a checkpoint is in the way, the resumed recipe clashes with ``explicit``
+            options, or the batch does not split among processes and shuffle-BN groups.
     """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
@@ -158,38 +260,11 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
-    resume_from = None
-    if run.resume == "auto":
-        resume_from = (
-            out / ckpt_io.CHECKPOINT_NAME if (out / ckpt_io.CHECKPOINT_NAME).is_file() else None
-        )
-    elif run.resume:
-        resume_from = Path(run.resume)
-    if not run.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-        raise ConfigError(
-            f"{out} already holds a run's checkpoint; pass --resume to continue it, or choose "
-            "another --out-dir"
-        )
+    resume_from = _resume_point(out, run)
     state = ckpt_io.load(resume_from) if resume_from else None
     if state is not None:
-        saved = PretrainConfig.from_dict(state["config"])
-        clash = [k for k in explicit if getattr(saved, k) != getattr(cfg, k)]
-        if clash:
-            raise ConfigError(
-                f"--resume continues the checkpoint's recipe, but {', '.join(clash)} differ from "
-                "it; drop those options or start a new run in another --out-dir"
-            )
-        cfg = saved
-
-    per_rank = cfg.batch_size // world
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not divide among {world} processes")
-    splits = max(1, cfg.shuffle_bn_groups // world) if cfg.version != "v3" else 1
-    if per_rank % splits:
-        raise ConfigError(
-            f"batch of {per_rank} per process does not split into {splits} "
-            "shuffle-BN groups; change batch_size or shuffle_bn_groups"
-        )
+        cfg = _resumed_config(cfg, state, explicit)
+    _check_batch(cfg, world)
 
     _seed_all(cfg.seed)  # the same initial weights in every process
     mean, std = normalization(cfg, data)
@@ -201,39 +276,33 @@ def train(
         moco = moco.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, [p for p in moco.parameters() if p.requires_grad])
     source, data_info = build_train(cfg, data, device)
-    sampler = EpochSampler(len(source), cfg.batch_size, rank, world, cfg.seed)
-    knn_sets = build_knn(cfg, data, device) if rank == 0 and cfg.knn_every else None
-
-    start_epoch, step, knn_history = 0, 0, []
+    t = Trainer(
+        cfg=cfg,
+        device=device,
+        precision=precision,
+        rank=rank,
+        world=world,
+        out=out,
+        moco=moco,
+        model=moco,
+        optimizer=optimizer,
+        source=source,
+        sampler=EpochSampler(len(source), cfg.batch_size, rank, world, cfg.seed),
+        knn_sets=build_knn(cfg, data, device) if rank == 0 and cfg.knn_every else None,
+        data_info=data_info,
+        channels_last=channels_last,
+        log=JsonLog(out / "log.jsonl" if rank == 0 else None),
+        resumed_from=resume_from,
+    )
     if state is not None:
-        moco.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        start_epoch, step, knn_history = state["epoch"], state["step"], list(state["knn"])
-        if len(state["rng"]) == world:
-            ckpt_io.set_rng_state(state["rng"][rank])
-        else:
-            logger.warning(
-                "checkpoint from %d processes, now %d: RNG streams start afresh",
-                len(state["rng"]),
-                world,
-            )
-            _seed_all(cfg.seed * 1000 + start_epoch * 10 + rank)
+        _restore(t, state)
     else:
         _seed_all(cfg.seed + 1 + rank)  # each process draws its own augmentations
-
-    model: nn.Module = moco
     if distributed:
-        if cfg.sync_bn and device.type == "cuda":  # MoCo v3: BN statistics over all GPUs
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif cfg.sync_bn:
-            logger.warning("SyncBN needs GPUs; on CPU each process normalises its own batch")
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    log = JsonLog(out / "log.jsonl" if rank == 0 else None)
+        t.model = _wrap_ddp(moco, cfg, device)
+
     if state is None:
-        log(
+        t.log(
             event="start",
             world_size=world,
             device=str(device),
@@ -242,105 +311,163 @@ def train(
             data=data_info,
             config=cfg.to_dict(),
         )
-        if knn_sets is not None:  # the floors a learned feature must beat, in this very run
-            pixels = pixel_knn(knn_sets, cfg)
-            acc = evaluate_knn(moco.base_encoder.backbone, knn_sets, cfg, device, precision)
-            knn_history.append({"epoch": 0, "knn_acc": acc, "pixels_knn_acc": pixels})
-            log(event="knn", epoch=0, knn_acc=acc, pixels_knn_acc=pixels, knn_set=knn_sets.name)
     else:
-        log(event="resume", epoch=start_epoch, step=step, checkpoint=str(resume_from))
+        t.log(event="resume", epoch=t.epoch, step=t.step, checkpoint=str(resume_from))
+    return t
 
-    steps = len(sampler)
+
+# --- one epoch, evaluation, checkpoint, export ----------------------------------------------
+
+
+def train_one_epoch(t: Trainer, epoch: int, log_every: int) -> dict[str, Any]:
+    """Trains one epoch, logging every ``log_every`` steps; returns the epoch's log record.
+
+    Raises:
+        MoCoRetrievalError: the loss stopped being finite (seen at a step log line).
+    """
+    cfg, steps = t.cfg, len(t.sampler)
+    t.sampler.set_epoch(epoch)
+    t.model.train()
+    loss_sum = torch.zeros((), device=t.device)
+    tick = t0 = time.perf_counter()
+    for i, (x1, x2) in enumerate(t.source.epoch(t.sampler, t.device)):
+        progress = epoch + i / steps
+        lr, m = learning_rate(cfg, progress), momentum(cfg, progress)
+        loss = train_step(t.model, t.optimizer, x1, x2, lr, m, t.precision, t.channels_last)
+        loss_sum += loss
+        t.step += 1
+        if log_every and t.step % log_every == 0:
+            value = float(dist.all_reduce_mean(loss))
+            now = time.perf_counter()
+            t.log(
+                event="step",
+                epoch=epoch,
+                step=t.step,
+                loss=value,
+                lr=lr,
+                m=m,
+                images_per_s=log_every * cfg.batch_size / (now - tick),
+            )
+            tick = now
+            if not math.isfinite(value):
+                raise MoCoRetrievalError(f"loss is {value} at step {t.step}; lower the lr")
+    epoch_loss = float(dist.all_reduce_mean(loss_sum)) / steps
+    elapsed = time.perf_counter() - t0
+    return {
+        "event": "epoch",
+        "epoch": epoch,
+        "step": t.step,
+        "loss": epoch_loss,
+        "lr": lr,
+        "m": m,
+        "images_per_s": steps * cfg.batch_size / elapsed,
+        "seconds": elapsed,
+    }
+
+
+def evaluate(t: Trainer, epoch: int) -> dict[str, Any]:
+    """kNN accuracy of the base encoder after ``epoch`` (0: before training, with the
+    raw-pixel floor) when the recipe asks for it then; the fields it adds to the log record."""
+    cfg, sets = t.cfg, t.knn_sets
+    if sets is None or not (epoch == 0 or epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
+        return {}
+    if epoch == 0:  # the floors a learned feature must beat, in this very run
+        pixels = pixel_knn(sets, cfg)
+        acc = evaluate_knn(t.moco.base_encoder.backbone, sets, cfg, t.device, t.precision)
+        t.knn_history.append({"epoch": 0, "knn_acc": acc, "pixels_knn_acc": pixels})
+        return {"knn_acc": acc, "pixels_knn_acc": pixels, "knn_set": sets.name}
+    acc = evaluate_knn(t.moco.base_encoder.backbone, sets, cfg, t.device, t.precision)
+    t.knn_history.append({"epoch": epoch, "knn_acc": acc})
+    return {"knn_acc": acc, "knn_set": sets.name}
+
+
+def save_checkpoint(t: Trainer) -> None:
+    """Writes ``OUT_DIR/checkpoint.pth`` (rank 0, atomically) with every process's RNG
+    states and rank 0's kNN history. Collective: every process calls it."""
+    t.knn_history = dist.all_gather_object(t.knn_history)[0]
+    rngs = dist.all_gather_object(ckpt_io.rng_state())
+    if t.rank != 0:
+        return
+    ckpt_io.save_atomic(
+        {
+            "format": ckpt_io.FORMAT,
+            "config": t.cfg.to_dict(),
+            "epoch": t.epoch,
+            "step": t.step,
+            "model": t.moco.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "sampler": t.sampler.state_dict(),
+            "rng": rngs,
+            "knn": t.knn_history,
+            "encoder_config": t.moco.base_encoder.config,
+            "data": t.data_info,
+            "world_size": t.world,
+        },
+        t.checkpoint_path,
+    )
+
+
+def _out_of_time(run: RunOptions, run_start: float, epoch_start: float, now: float) -> bool:
+    """Whether one more epoch, as long as the last, would overrun ``run.time_limit_s``; every
+    process gets rank 0's answer."""
+    late = run.time_limit_s is not None and (
+        now - run_start + (now - epoch_start) > run.time_limit_s
+    )
+    return dist.all_gather_object(late)[0]
+
+
+def export_encoder(t: Trainer, push_to_hub: str | None) -> str:
+    """Exports the checkpoint's base encoder to ``OUT_DIR/encoder`` (and the Hub)."""
+    from .export import export
+
+    path = t.out / "encoder"
+    export(t.checkpoint_path, path, push_to_hub=push_to_hub)
+    t.log(event="export", path=str(path), hub=push_to_hub)
+    return str(path)
+
+
+def train(
+    cfg: PretrainConfig, data: DataOptions, run: RunOptions, explicit: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Runs (or resumes) pretraining; returns a summary (epochs, kNN history, paths).
+
+    Args:
+        cfg: the recipe.
+        data: where the images come from.
+        run: where to write, and how to run.
+        explicit: config fields the user set; on resume they must match the checkpoint's.
+    """
+    t = setup(cfg, data, run, explicit)
+    cfg = t.cfg  # the checkpoint's recipe when resumed
+    if t.resumed_from is None:
+        floors = evaluate(t, 0)
+        if floors:
+            t.log(event="knn", epoch=0, **floors)
     last_epoch = (
         cfg.epochs if run.stop_after_epoch is None else min(cfg.epochs, run.stop_after_epoch)
     )
-    run_start, done = time.monotonic(), start_epoch
-    for epoch in range(start_epoch, last_epoch):
+    run_start = time.monotonic()
+    for epoch in range(t.epoch, last_epoch):
         epoch_start = time.monotonic()
-        sampler.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        tick = t0 = time.perf_counter()
-        for i, (x1, x2) in enumerate(source.epoch(sampler, device)):
-            progress = epoch + i / steps
-            lr, m = learning_rate(cfg, progress), momentum(cfg, progress)
-            loss = train_step(model, optimizer, x1, x2, lr, m, precision, channels_last)
-            loss_sum += loss
-            step += 1
-            if run.log_every and step % run.log_every == 0:
-                value = float(dist.all_reduce_mean(loss))
-                now = time.perf_counter()
-                log(
-                    event="step",
-                    epoch=epoch,
-                    step=step,
-                    loss=value,
-                    lr=lr,
-                    m=m,
-                    images_per_s=run.log_every * cfg.batch_size / (now - tick),
-                )
-                tick = now
-                if not math.isfinite(value):
-                    raise MoCoRetrievalError(f"loss is {value} at step {step}; lower the lr")
-        epoch_loss = float(dist.all_reduce_mean(loss_sum)) / steps
-        elapsed = time.perf_counter() - t0
-        record: dict[str, Any] = {
-            "event": "epoch",
-            "epoch": epoch,
-            "step": step,
-            "loss": epoch_loss,
-            "lr": lr,
-            "m": m,
-            "images_per_s": steps * cfg.batch_size / elapsed,
-            "seconds": elapsed,
-        }
-        if knn_sets is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-            acc = evaluate_knn(moco.base_encoder.backbone, knn_sets, cfg, device, precision)
-            knn_history.append({"epoch": epoch + 1, "knn_acc": acc})
-            record.update(knn_acc=acc, knn_set=knn_sets.name)
-        knn_history = dist.all_gather_object(knn_history)[0]
-        rngs = dist.all_gather_object(ckpt_io.rng_state())
-        if rank == 0:
-            ckpt_io.save_atomic(
-                {
-                    "format": ckpt_io.FORMAT,
-                    "config": cfg.to_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "model": moco.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "rng": rngs,
-                    "knn": knn_history,
-                    "encoder_config": moco.base_encoder.config,
-                    "data": data_info,
-                    "world_size": world,
-                },
-                out / ckpt_io.CHECKPOINT_NAME,
-            )
-        log(**record)
-        done = epoch + 1
+        record = train_one_epoch(t, epoch, run.log_every)
+        record.update(evaluate(t, epoch + 1))
+        t.epoch = epoch + 1
+        save_checkpoint(t)
+        t.log(**record)
         now = time.monotonic()
-        out_of_time = run.time_limit_s is not None and (
-            now - run_start + (now - epoch_start) > run.time_limit_s
-        )
-        if dist.all_gather_object(out_of_time)[0] and done < last_epoch:
-            log(event="time_limit", epoch=epoch, seconds=now - run_start)
+        if _out_of_time(run, run_start, epoch_start, now) and t.epoch < last_epoch:
+            t.log(event="time_limit", epoch=epoch, seconds=now - run_start)
             break
         dist.barrier()
 
     summary: dict[str, Any] = {
-        "epochs": done,
-        "step": step,
-        "knn": knn_history,
-        "checkpoint": str(out / ckpt_io.CHECKPOINT_NAME),
+        "epochs": t.epoch,
+        "step": t.step,
+        "knn": t.knn_history,
+        "checkpoint": str(t.checkpoint_path),
     }
-    if rank == 0 and run.export and done == cfg.epochs:
-        from .export import export
-
-        export(out / ckpt_io.CHECKPOINT_NAME, out / "encoder", push_to_hub=run.push_to_hub)
-        summary["encoder"] = str(out / "encoder")
-        log(event="export", path=summary["encoder"], hub=run.push_to_hub)
+    if t.rank == 0 and run.export and t.epoch == cfg.epochs:
+        summary["encoder"] = export_encoder(t, run.push_to_hub)
     dist.barrier()
     return summary
 
