@@ -370,7 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tiles import cut_tiles
 
             t = cut_tiles(
-                args.src, args.out, args.per_picture, args.size, args.min_scale, args.seed,
+                args.src,
+                args.out,
+                args.per_picture,
+                args.size,
+                args.min_scale,
+                args.seed,
                 args.force,
             )
             print(f"wrote {t.tiles} tiles of {t.pictures} pictures to {t.out}")

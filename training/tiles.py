@@ -125,12 +125,18 @@ ARTWORK_ROOTS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
 BLANK_STD = 2.0
 # A size, orientation or light/dark suffix: NAME_3840x2160, NAME_768x1024_Portrait, NAME-d.
 _VARIANT = re.compile(r"(_\d+x\d+)?(_Portrait)?(-[ld])?$")
+# Colour versions of one design, named apart (MATE's Ubuntu-Mate-{Cold,Dark,Warm,...}-no-logo):
+# a copy-detection encoder, trained to ignore colour, rightly calls them near-duplicates.
+_FAMILIES = ((re.compile(r"Ubuntu-Mate-[A-Za-z]+-no-logo$"), "Ubuntu-Mate-no-logo"),)
 
 
 def variant_of(rel: str) -> str:
     """The picture a file is a variant of: its path without a size/orientation/light-dark
     suffix (``mate/abstract/Elephants_3840x2160.jpg`` -> ``mate/abstract/Elephants``)."""
-    return _VARIANT.sub("", str(Path(rel).with_suffix("")), count=1)
+    name = _VARIANT.sub("", str(Path(rel).with_suffix("")), count=1)
+    for family, base in _FAMILIES:
+        name = family.sub(base, name)
+    return name
 
 
 def write_distractors(
@@ -144,7 +150,8 @@ def write_distractors(
     paths of the corpus's photographs, trained on or held out) into ``out``, long side at most
     ``max_side``: renders, patterns and illustrations no encoder here trains on, to search
     copies of held-out photos among. Byte-identical files and the variants of one picture
-    (plasma's sizes and dark versions; ``_WxH``, ``_Portrait`` and ``-l``/``-d`` suffixes) are written once, the
+    (plasma's sizes and dark versions; ``_WxH``, ``_Portrait`` and ``-l``/``-d`` suffixes;
+    colour versions named apart, :data:`_FAMILIES`) are written once, the
     largest; blank pictures are left out. No two distractors are then near-duplicates, which
     the duplicates evaluation relies on."""
     out = Path(out)

@@ -52,6 +52,7 @@ def test_tiles_are_seeded_per_picture(tmp_path):
     cut_tiles(src, tmp_path / "again", per_picture=6, size=32)
     for t in tiles:
         assert (tmp_path / "tiles" / t).read_bytes() == (tmp_path / "again" / t).read_bytes()
+
     def boxes(rel):
         key = hashlib.sha256(f"0/{rel}".encode()).digest()
         return tile_boxes(160, 120, 6, 0.2, random.Random(int.from_bytes(key[:8], "big")))
