@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.model:
         encoder = MoCoEncoder.from_pretrained(args.model)
-        args.arch = f"{args.model} ({encoder.arch}, {encoder.input_size} px)"
+        args.arch = f"{args.model} ({encoder.arch}, {encoder.input_size} px, trained weights)"
     else:
         encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
     naive_encoder = copy.deepcopy(encoder)  # stays in the default (NCHW) layout
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{describe(source_folder, [r.split('/', 1)[1] for r in rel] if linked else rel)}"
         f"{f' ({n // args.repeat} files, each linked {args.repeat} times)' if linked else ''}"
-        f" from `{source_folder}`; {args.arch} (random weights), "
+        f" from `{source_folder}`; {args.arch if args.model else f'{args.arch} (random weights)'}, "
         f"batch {args.batch_size}, workers {args.workers if args.workers is not None else 'auto'}; "
         f"{available_cpus()} CPU cores ({cpu}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads; load average {load_before:.2f} before the "

@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-mpix", type=float, default=2.0, help="skip JPEGs smaller than this")
     p.add_argument("--arch", default="resnet50")
     p.add_argument(
+        "--model",
+        metavar="SOURCE",
+        help="measure this encoder (e.g. the default, whose int8 recall depends on its "
+        "trained weights) instead of random --arch weights",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -113,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no JPEG of at least {args.min_mpix} MPix under {args.folder}")
     n = len(rel)
     torch.manual_seed(0)
-    encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
+    if args.model:
+        encoder = MoCoEncoder.from_pretrained(args.model)
+        weights = f"{args.model} ({encoder.arch}, {encoder.input_size} px, trained weights)"
+    else:
+        encoder = MoCoEncoder(arch=args.arch)  # random weights: speed does not depend on them
+        weights = f"{args.arch} (random weights)"
     tmp = Path(tempfile.mkdtemp(prefix="onnx_vs_torch-"))
     photos = link_folder(args.folder, rel, tmp / "photos")
     all_jpegs = [r for r in walk_images(args.folder) if r.lower().endswith((".jpg", ".jpeg"))]
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         "End-to-end `ImageIndex.build` (decode, embed, store, FAISS) of "
-        f"{describe(args.folder, rel)} from `{args.folder}`; {args.arch} (random weights), "
+        f"{describe(args.folder, rel)} from `{args.folder}`; {weights}, "
         f"batch {args.batch_size or 'default (torch 8, onnxruntime 32)'}, workers "
         f"{args.workers if args.workers is not None else 'auto'}; {available_cpus()} CPU cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
