@@ -1,10 +1,12 @@
-"""Makes docs/screenshot.png: the app searching Debian's wallpaper photos, in headless Chromium.
+"""Makes docs/screenshot.png: the app searching Debian's wallpapers, in headless Chromium.
 
-    python docs/make_screenshot.py [--model SOURCE]
+    python docs/make_screenshot.py [--model SOURCE] [--query NAME] [--seed N]
 
-The photos are the JPEGs of ``plasma-workspace-wallpapers`` (apt), hard-linked into a temporary
-folder. Without ``--model`` the encoder is a ResNet-18 with random weights (this machine is
-offline): neighbours then follow colour and texture; a trained MoCo encoder makes them semantic.
+The pictures are the JPEGs of ``plasma-workspace-wallpapers`` (apt), hard-linked into a
+temporary folder and indexed with the default encoder (``--model`` for another). The query is
+an edited copy of the wallpaper ``--query`` (a held-out photo of the default encoder's corpus:
+never trained on): the ``combined`` edit of ``mocoretrieval eval copies``' standard preset
+(crop, rotation, flip, colour, grayscale, downscale, JPEG), seeded by ``--seed``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image
 
 OUT = Path(__file__).resolve().parent / "screenshot.png"
@@ -25,21 +27,20 @@ MAX_BYTES = 200_000
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="encoder source (default: random-weight ResNet-18)")
-    parser.add_argument("--query", default="Flow", help="wallpaper name to search with")
+    parser.add_argument("--model", help="encoder source (default: the default model)")
+    parser.add_argument("--query", default="Path", help="wallpaper to search an edited copy of")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the copy's edits")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
 
     from app.server import launch
     from app.ui import build_app
-    from mocoretrieval import MoCoEncoder
+    from mocoretrieval import DEFAULT_MODEL, MoCoEncoder
+    from mocoretrieval.edits import COMBINED, edit, get_preset, web_sized
     from mocoretrieval.index import ImageIndex
 
-    torch.manual_seed(0)
-    encoder = (
-        MoCoEncoder.from_pretrained(args.model) if args.model else MoCoEncoder(arch="resnet18")
-    )
+    encoder = MoCoEncoder.from_pretrained(args.model or DEFAULT_MODEL)
     files = sorted({p.resolve() for p in WALLPAPERS.rglob("*.jpg")})
     files = [p for p in files if "screenshot" not in p.name]  # previews of the wallpapers
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +51,15 @@ def main() -> None:
                 p for p in src.relative_to(WALLPAPERS).parts if p not in ("contents", "images")
             ]
             os.link(src, root / "_".join(parts).replace("images_", ""))
-        query = next(p for p in sorted(root.iterdir()) if p.name.startswith(args.query))
+        original = max(
+            (p for p in root.iterdir() if p.name.startswith(f"{args.query}_")),
+            key=lambda p: p.stat().st_size,
+        )
+        rng = np.random.default_rng(args.seed)
+        copy, quality = edit(web_sized(Image.open(original).convert("RGB")), COMBINED,
+                             get_preset("standard"), rng)  # fmt: skip
+        query = Path(tmp) / f"edited-copy-of-{args.query}.jpg"
+        copy.save(query, "JPEG", quality=quality)
         with ImageIndex.build(root, model=encoder, workers=0) as index:
             page_app = build_app(index, k_default=10)
             url = launch(page_app, port=None, block=False)

@@ -281,7 +281,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "--model",
         metavar="SOURCE",
         help="encoder: alias, directory, Hub id or checkpoint (default: the index's model, or "
-        "moco-v3-r50-1000ep for a new index)",
+        "the shipped moco-v2-r18-photos for a new index; --model moco-v3-r50-1000ep for the "
+        "official ResNet-50, a download)",
     )
     p.add_argument(
         "--batch-size",

@@ -31,7 +31,11 @@ OFFICIAL: dict[str, str] = {
     "moco-v3-vit-s-300ep": f"{_FB}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
     "moco-v3-vit-b-300ep": f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
 }
-DEFAULT_MODEL = "moco-v3-r50-1000ep"
+# Encoders shipped inside the package (save_pretrained layout, package data): no download.
+BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED: dict[str, Path] = {"moco-v2-r18-photos": BUNDLED_DIR / "moco-v2-r18-photos"}
+# The model of a new index when none is given: shipped, so the main job works offline.
+DEFAULT_MODEL = "moco-v2-r18-photos"
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -40,6 +44,7 @@ ACCEPTED = (
     "  - a directory written by MoCoEncoder.save_pretrained (config.json + model.safetensors)\n"
     "  - a Hugging Face Hub repo id in that layout, e.g. 'user/moco-v3-r50'\n"
     "  - an official facebookresearch MoCo v1/v2/v3 checkpoint file (*.pth.tar)\n"
+    f"  - an alias of an encoder shipped with mocoretrieval: {', '.join(BUNDLED)}\n"
     f"  - an alias of an official release: {', '.join(OFFICIAL)}"
 )
 
@@ -62,6 +67,8 @@ def load(
         encoder = _load_directory(path, overrides)
     elif path.is_file():
         encoder = load_official_checkpoint(path, **overrides)
+    elif text in BUNDLED:
+        encoder = _load_bundled(text, overrides)
     elif text in OFFICIAL:
         encoder = load_official_checkpoint(_download_official(text), **overrides)
         encoder.source = text
@@ -75,7 +82,20 @@ def load(
     return encoder.to(device).eval()
 
 
-# --- save_pretrained layout (directory or Hub) ----------------------------------------------
+# --- save_pretrained layout (directory, package data or Hub) -------------------------------
+
+
+def _load_bundled(alias: str, overrides: dict[str, Any]) -> MoCoEncoder:
+    folder = BUNDLED[alias]
+    if not (folder / "model.safetensors").is_file():
+        raise SourceError(
+            f"the encoder {alias!r} ships with mocoretrieval but {folder} lacks its weights: the "
+            "installation is incomplete: reinstall it (`pip install --force-reinstall "
+            "mocoretrieval`; in a git checkout, `git checkout -- mocoretrieval/weights`)"
+        )
+    encoder = _load_directory(folder, overrides)
+    encoder.source = alias
+    return encoder
 
 
 def _load_directory(path: Path, overrides: dict[str, Any]) -> MoCoEncoder:
