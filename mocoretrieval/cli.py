@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .cli_common import Progress, add_backend_arguments, notify
 from .errors import MoCoRetrievalError
 
 
@@ -75,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         max_upload_mb=args.max_upload_mb,
         device=args.device,
-        notify=_notify,
+        notify=notify,
     )
     return 0
 
@@ -98,38 +99,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("-k", type=int, default=10, help="results shown at first (default 10)")
     p.add_argument("--device", help="torch device for the model (default: automatic)")
-    _add_backend_arguments(p)
+    add_backend_arguments(p)
     p.add_argument("--max-upload-mb", type=float, default=50, help="upload limit (default 50)")
     p.set_defaults(func=_cmd_serve)
 
 
 # --- the main job: index, search, duplicates, info ------------------------------------------
-
-
-class _Progress:
-    """A tqdm bar with images/s on stderr, shown only on a terminal and without --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _notify(message: str) -> None:
-    """Says why the command is about to wait (a one-time export), on stderr."""
-    print(f"{message} ...", file=sys.stderr, flush=True)
 
 
 def _shown(path: str) -> str:
@@ -149,7 +124,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         index_dir=args.index,
         root=args.root,
         quantize=args.quantize,
-        notify=None if args.quiet else _notify,
+        notify=None if args.quiet else notify,
     )
     index = ImageIndex.create(
         args.root,
@@ -159,7 +134,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         device=args.device,
     )
-    progress = _Progress(args.quiet)
+    progress = Progress(args.quiet)
     try:
         report = index.update(
             batch_size=args.batch_size,
@@ -200,7 +175,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .index import ImageIndex
     from .onnx_backend import index_model
 
-    model = index_model(None, args.backend, args.device, index_dir=args.index, notify=_notify)
+    model = index_model(None, args.backend, args.device, index_dir=args.index, notify=notify)
     index = ImageIndex.open(args.index, model=model, device=args.device)
     results = index.search_batch(args.images, k=args.k)
     if args.json:
@@ -221,7 +196,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_duplicates(args: argparse.Namespace) -> int:
     from .index import ImageIndex
 
-    progress = _Progress(quiet=False)
+    progress = Progress(quiet=False)
     try:
         groups = ImageIndex.open(args.index).duplicates(args.threshold, progress=progress)
     finally:
@@ -252,16 +227,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for path, reason in skipped.items():
         print(f"  {path}: {reason}")
     return 0
-
-
-def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnx", "auto"),
-        default="auto",
-        help="inference backend: auto (default) runs onnxruntime on CPU, exporting the model "
-        "once into ~/.cache/mocoretrieval/onnx, and torch on a GPU",
-    )
 
 
 _INDEX_HELP = "index directory or indexed folder (default: found here or in a parent folder)"
@@ -312,7 +277,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="also forget the images of folders that are now empty; by default an empty folder "
         "(ROOT too) that held indexed images is taken for an unmounted drive and they are kept",
     )
-    _add_backend_arguments(p)
+    add_backend_arguments(p)
     p.add_argument(
         "--quantize",
         choices=("int8",),
@@ -329,7 +294,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
     p.add_argument("--device", help="torch device for the model (default: automatic)")
-    _add_backend_arguments(p)
+    add_backend_arguments(p)
     p.add_argument(
         "--json",
         action="store_true",

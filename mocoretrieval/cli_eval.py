@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from .cli import _add_backend_arguments, _notify, _Progress
+from .cli_common import Progress, add_backend_arguments, notify
 from .metrics import KNN_TEMPERATURE, RECALL_KS, RetrievalScores
 from .sources import DEFAULT_MODEL
 
@@ -37,7 +37,7 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 def _run(args: argparse.Namespace, evaluate: Any, **kwargs: Any) -> Any:
-    progress = _Progress(args.quiet or args.json)
+    progress = Progress(args.quiet or args.json)
     try:
         return evaluate(
             models=args.model or [DEFAULT_MODEL],
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace, evaluate: Any, **kwargs: Any) -> Any:
             device=args.device,
             quantize=args.quantize,
             progress=progress,
-            notify=None if args.quiet or args.json else _notify,
+            notify=None if args.quiet or args.json else notify,
             **kwargs,
         )
     finally:
@@ -167,7 +167,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help=f"encoder to evaluate, repeat to compare (default {DEFAULT_MODEL}, as for index); "
         "'raw-pixels' is the pixels themselves",
     )
-    _add_backend_arguments(p)
+    add_backend_arguments(p)
     p.add_argument(
         "--quantize",
         choices=("int8",),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -248,6 +248,12 @@ class MoCoEncoder(
             )
         return cls(**config)
 
+    # How `from_pretrained` resolves a source: `mocoretrieval.sources.load`, which registers
+    # itself when imported (the package's __init__ imports it, so it always has). This file, like
+    # timm's model files, holds the architecture and no Hub or file resolution, and never
+    # imports sources.py: the dependency goes one way, sources -> encoder.
+    _load_source: ClassVar[Callable[..., MoCoEncoder] | None] = None
+
     @classmethod
     def from_pretrained(cls, source: str | Path, **kwargs: Any) -> MoCoEncoder:  # type: ignore[override]
         """Loads an encoder from any accepted source; see :func:`mocoretrieval.sources.load`.
@@ -257,6 +263,9 @@ class MoCoEncoder(
         alias of an officially released checkpoint (see ``mocoretrieval.sources.OFFICIAL``).
         Loading is strict: a missing or unexpected tensor raises.
         """
-        from .sources import load
-
-        return load(source, **kwargs)
+        if MoCoEncoder._load_source is None:
+            raise RuntimeError(
+                "no model-source loader is registered: import mocoretrieval (whose __init__ "
+                "imports mocoretrieval.sources) before calling MoCoEncoder.from_pretrained"
+            )
+        return MoCoEncoder._load_source(source, **kwargs)

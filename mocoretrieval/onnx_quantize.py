@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from .errors import BackendError, ImageError
-from .onnx_backend import OnnxEncoder
-from .onnx_export import read_metadata, sidecar_path, write_metadata
+from .onnx_export import INPUT_NAME, read_metadata, sidecar_path, write_metadata
+from .preprocess import Preprocess, check_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,14 @@ def quantize_int8(
     meta = read_metadata(fp32_path)
     if meta.get("quantize"):
         raise BackendError(f"{fp32_path} is already quantized ({meta['quantize']})")
-    fp32 = OnnxEncoder(fp32_path)
-    batches = calibration_batches(fp32.preprocess, images, max_images, min_side=fp32.resize_size)
+    # Preprocessing straight from the file's config, as OnnxEncoder builds it: this module sits
+    # below onnx_backend (whose cache calls it) and does not import it.
+    c = meta["config"]
+    check_preprocessing(
+        c.get("resize_size"), c.get("input_size"), c.get("mean"), c.get("std"), where=str(fp32_path)
+    )
+    preprocess = Preprocess(c["resize_size"], c["input_size"], c["mean"], c["std"])
+    batches = calibration_batches(preprocess, images, max_images, min_side=preprocess.resize_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -137,7 +143,7 @@ def quantize_int8(
         quantize_static(
             str(pre),
             str(staged),
-            _reader(batches, fp32.input_name),
+            _reader(batches, meta.get("input_name", INPUT_NAME)),
             quant_format=formats[quant_format],
             op_types_to_quantize=list(INT8_OPS),
             per_channel=True,

@@ -349,3 +349,11 @@ def convert(source: str | Path, out_dir: str | Path, **overrides: Any) -> MoCoEn
     encoder = load(source, **overrides)
     encoder.save_pretrained(out_dir)
     return encoder
+
+
+def _load_for_encoder(source: str | Path, **kwargs: Any) -> MoCoEncoder:
+    return load(source, **kwargs)  # looked up per call: `sources.load` stays the one entry point
+
+
+# `MoCoEncoder.from_pretrained` resolves its source here; encoder.py does not import this module.
+MoCoEncoder._load_source = staticmethod(_load_for_encoder)
