@@ -52,9 +52,40 @@ vectors = encoder.embed([image])  # (N, {dim}) float32, L2-normalised
 {extra}"""
 
 
+def embedding_dim(config: dict[str, Any]) -> int:
+    """Dimension of the embeddings of the encoder ``config`` (as in config.json) describes."""
+    if config.get("embedding", "backbone") == "projection":
+        return int(config["head"]["out_dim"])
+    return feature_dim(config["arch"])
+
+
+class EncoderConfigMixin:
+    """What follows from an encoder's ``config``: one definition for every backend.
+
+    `MoCoEncoder` and `OnnxEncoder` both have ``config`` (the config.json fields); these
+    properties are derived from it rather than repeated in each.
+    """
+
+    config: dict[str, Any]
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.config["arch"] in RESNETS
+
+    @property
+    def is_vit(self) -> bool:
+        return self.config["arch"] in VITS
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the embeddings ``embed`` returns."""
+        return embedding_dim(self.config)
+
+
 class MoCoEncoder(
     nn.Module,
     PyTorchModelHubMixin,
+    EncoderConfigMixin,
     library_name="mocoretrieval",
     tags=["moco", "self-supervised", "image-feature-extraction"],
 ):
@@ -125,21 +156,6 @@ class MoCoEncoder(
         if head is not None:
             self.head = build_mlp(in_dim=feature_dim(arch), **head)
         self.eval()
-
-    @property
-    def is_resnet(self) -> bool:
-        return self.arch in RESNETS
-
-    @property
-    def is_vit(self) -> bool:
-        return self.arch in VITS
-
-    @property
-    def dim(self) -> int:
-        """Dimension of the embeddings :meth:`embed` returns."""
-        if self.embedding == "projection":
-            return int(self.head_config["out_dim"])
-        return feature_dim(self.arch)
 
     @property
     def config(self) -> dict[str, Any]:

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import RESNETS, VITS
 from .embed import available_cpus
-from .encoder import MoCoEncoder
+from .encoder import EncoderConfigMixin, MoCoEncoder
 from .errors import BackendError, MoCoRetrievalError
 from .onnx_export import (
     FORMAT_VERSION,
@@ -59,7 +58,7 @@ def default_cache_dir() -> Path:
 # --- the encoder ----------------------------------------------------------------------------
 
 
-class OnnxEncoder:
+class OnnxEncoder(EncoderConfigMixin):
     """An exported encoder run by onnxruntime, with :class:`MoCoEncoder`'s embedding protocol.
 
     ``preprocess``, ``input_size``, ``dim``, ``config`` and ``weights_hash()`` are those of the
@@ -112,6 +111,11 @@ class OnnxEncoder:
             c.get("std"),
             where=f"the config in {self.path}",
         )
+        if "dim" in self.meta and int(self.meta["dim"]) != self.dim:
+            raise BackendError(
+                f"{self.path} outputs {self.meta['dim']}-d embeddings but its config describes "
+                f"{self.dim}-d ones: export it again with `mocoretrieval export-onnx`"
+            )
         self.loaded_from: str | None = None  # the model source it was exported from, if known
         self.input_name = self.meta.get("input_name", self.session.get_inputs()[0].name)
         self.quantize: str | None = self.meta.get("quantize")
@@ -121,7 +125,8 @@ class OnnxEncoder:
         """Loads an exported model; preprocessing is rebuilt from the file's own metadata."""
         return cls(path, threads=threads)
 
-    # The attributes MoCoEncoder has, read from the exported config.
+    # The attributes MoCoEncoder has, read from the exported config (is_resnet, is_vit and dim
+    # come from EncoderConfigMixin).
     @property
     def config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -157,18 +162,6 @@ class OnnxEncoder:
     @property
     def embedding(self) -> str:
         return self._config.get("embedding", "backbone")
-
-    @property
-    def is_resnet(self) -> bool:
-        return self.arch in RESNETS
-
-    @property
-    def is_vit(self) -> bool:
-        return self.arch in VITS
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
 
     @property
     def preprocess(self) -> Preprocess:

@@ -95,6 +95,17 @@ def test_export_matches_torch_per_image(arch, tmp_path, images, resnet_export):
     assert onnx_encoder.dim == encoder.dim and onnx_encoder.is_resnet == encoder.is_resnet
 
 
+def test_config_that_contradicts_the_graph_is_refused(resnet_export):
+    encoder, path = resnet_export
+    # dim, is_resnet and is_vit are derived from the config (EncoderConfigMixin), so a config
+    # describing another output than the graph's must not be taken at its word.
+    head = {"num_layers": 1, "hidden_dim": 16, "out_dim": 16}
+    config = {**encoder.config, "embedding": "projection", "head": head}
+    with pytest.raises(BackendError, match="export it again"):
+        OnnxEncoder(path, config=config)
+    assert OnnxEncoder(path, config=encoder.config).dim == encoder.dim
+
+
 def test_file_is_self_contained(tmp_path, resnet_export, images):
     encoder, path = resnet_export
     # One file holds every weight: no external-data files next to it.
