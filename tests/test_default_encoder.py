@@ -135,3 +135,11 @@ def test_a_built_wheel_carries_the_weights(tmp_path):
     folder = f"mocoretrieval/weights/{DEFAULT_MODEL}"
     for f in ("config.json", "model.safetensors", "README.md"):
         assert f"{folder}/{f}" in names, f
+
+
+def test_a_missing_shipped_file_says_how_to_repair(tmp_path, monkeypatch):
+    from mocoretrieval.errors import SourceError
+
+    monkeypatch.setitem(BUNDLED, DEFAULT_MODEL, tmp_path / "gone")
+    with pytest.raises(SourceError, match="reinstall"):
+        MoCoEncoder.from_pretrained(DEFAULT_MODEL)
