@@ -13,12 +13,14 @@ differ by position and scale are different enough to be told apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,31 @@ class TileReport:
     pictures: int
     tiles: int
     skipped: list[str]
+
+
+@contextlib.contextmanager
+def _building(out: Path, force: bool, marker: Callable[[], str]) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that replaces it once the block completes (with
+    ``marker()`` written last); an interrupted build leaves nothing. An existing ``out`` is
+    replaced only with ``force``, and only if this module wrote it (it has :data:`MARKER`)."""
+    if out.exists() and not force:
+        raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another folder")
+    if out.exists() and not (out / MARKER).is_file():
+        raise DatasetError(
+            f"{out} exists and is not a tile folder or distractor folder (no {MARKER}); "
+            "choose another folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text(marker())
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def tile_boxes(
@@ -77,18 +104,19 @@ def cut_tiles(
         raise DatasetError(f"per_picture must be >= 1 and size >= 8 (got {per_picture}, {size})")
     if not src.is_dir():
         raise DatasetError(f"{src} is not a folder; pass the corpus's train/ folder")
-    if out.exists() and not force:
-        raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another folder")
-    if out.exists() and not (out / MARKER).is_file():
-        raise DatasetError(f"{out} exists and is not a tile folder; choose another folder")
     files = walk_images(src)
     if not files:
         raise DatasetError(f"no images under {src}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     skipped: list[str] = []
     tiles = 0
-    try:
+
+    def marker() -> str:
+        return (
+            f"tiles of {src}: per_picture={per_picture} size={size} min_scale={min_scale} "
+            f"seed={seed}; {len(files) - len(skipped)} pictures, {tiles} tiles\n"
+        )
+
+    with _building(out, force, marker) as tmp:
         for rel in files:
             try:
                 img = load_image(src / rel)
@@ -103,16 +131,6 @@ def cut_tiles(
                 tile = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
                 tile.save(folder / f"{i:04d}.jpg", "JPEG", quality=TILE_QUALITY)
                 tiles += 1
-        (tmp / MARKER).write_text(
-            f"tiles of {src}: per_picture={per_picture} size={size} min_scale={min_scale} "
-            f"seed={seed}; {len(files) - len(skipped)} pictures, {tiles} tiles\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return TileReport(out, len(files) - len(skipped), tiles, skipped)
 
 
@@ -155,10 +173,8 @@ def write_distractors(
     largest; blank pictures are left out. No two distractors are then near-duplicates, which
     the duplicates evaluation relies on."""
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before reading any picture; _building checks it again
         raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another folder")
-    if out.exists() and not (out / MARKER).is_file():
-        raise DatasetError(f"{out} exists and is not a folder this wrote; choose another folder")
     best: dict[str, tuple[int, Path]] = {}  # group -> (pixels, file)
     seen: set[str] = set()
     # a plasma wallpaper folder holding a photograph is the photograph's (its screenshot too)
@@ -196,11 +212,13 @@ def write_distractors(
                 continue
             if group not in best or pixels > best[group][0]:
                 best[group] = (pixels, path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     skipped: list[str] = []
-    try:
-        for n, group in enumerate(sorted(best)):
+
+    def marker() -> str:
+        return f"distractors: {len(best) - len(skipped)} images of {roots}\n"
+
+    with _building(out, force, marker) as tmp:
+        for group in sorted(best):
             path = best[group][1]
             try:
                 img = load_image(path)
@@ -213,11 +231,4 @@ def write_distractors(
             img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             name = group.strip("/").replace("/", "_")
             img.save(tmp / f"{name}.jpg", "JPEG", quality=TILE_QUALITY)
-        (tmp / MARKER).write_text(f"distractors: {len(best) - len(skipped)} images of {roots}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return TileReport(out, len(best) - len(skipped), len(best) - len(skipped), skipped)
