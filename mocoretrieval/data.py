@@ -8,16 +8,13 @@ import logging
 import os
 import re
 import stat
-import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate
 
 from .errors import ImageError
 
@@ -264,8 +261,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ImageError(f"unsupported colour mode {img.mode}") from e
 
 
-def _reason(e: BaseException) -> str:
-    """A short human reason for a decoding failure."""
+def failure_reason(e: BaseException) -> str:
+    """A short human reason for a decoding failure (what a skipped file is listed with)."""
     if isinstance(e, FileNotFoundError):
         return "vanished"
     if isinstance(e, PermissionError):
@@ -360,7 +357,7 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     except MemoryError:
         raise ImageError("too large to decode in memory", path) from None
     except Exception as e:  # Pillow raises many types on malformed data
-        raise ImageError(_reason(e), path) from e
+        raise ImageError(failure_reason(e), path) from e
 
 
 def encode_thumbnail(img: Image.Image, side: int, quality: int = THUMBNAIL_QUALITY) -> bytes:
@@ -375,118 +372,3 @@ def encode_thumbnail(img: Image.Image, side: int, quality: int = THUMBNAIL_QUALI
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-# --- torch dataset ------------------------------------------------------------------------
-
-
-class DecodedBatch(NamedTuple):
-    """What :func:`collate` makes of a batch of :class:`ImageFileDataset` items."""
-
-    indices: list[int]  # dataset indices of the decoded images, in order
-    images: torch.Tensor | None  # (n, 3, H, W), None when every image failed
-    failed: list[tuple[int, str]]  # (dataset index, reason)
-    thumbnails: list[bytes | None]  # aligned with indices; empty when not asked for
-
-
-def run_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
-    """``(True, fn())``, run in a helper thread, or ``(False, None)`` when it takes longer than
-    ``timeout`` seconds; an exception of ``fn`` is raised here.
-
-    A thread cannot be killed: one that times out is abandoned, a daemon thread that ends when
-    ``fn`` returns or when the process exits, keeping its memory (and a CPU, if it spins) till
-    then. A ``fn`` that holds the GIL throughout (a C loop that never releases it) cannot be
-    timed out at all; Pillow's decoders and file reads release it.
-    """
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as e:  # noqa: BLE001 - handed over to the caller's thread
-            outcome.append((False, e))
-
-    thread = threading.Thread(target=run, name="mocoretrieval-decode", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        logger.warning("abandoned a decoding thread stuck for over %g s", timeout)
-        return False, None
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return True, value
-
-
-class ImageFileDataset(Dataset):
-    """Files under a root, decoded and transformed; a bad file yields its reason, not an error.
-
-    Item ``i`` is ``(i, tensor, None, thumbnail)`` or ``(i, None, reason, None)``, where
-    ``thumbnail`` is a JPEG (see :func:`encode_thumbnail`) made from the decoded image, or None
-    when ``thumbnail_size`` is None or it could not be made.
-
-    Args:
-        root: the folder ``relpaths`` are relative to.
-        relpaths: image paths relative to ``root``.
-        transform: PIL RGB image -> tensor or array (e.g. ``encoder.preprocess`` or its
-            ``pixels``).
-        min_side: passed to :func:`load_image` (JPEG draft mode); usually the resize size.
-        thumbnail_size: the thumbnail's longest side; None makes none. It is made from the image
-            as decoded for ``min_side``, so it is smaller when that image is.
-        timeout: seconds an item may take, decoded in a helper thread (see
-            :func:`run_with_timeout`); past it, the file is skipped. For decoding in this
-            process: a DataLoader times out (and kills) its worker processes itself.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        relpaths: Sequence[str],
-        transform: Callable[[Image.Image], Any],
-        min_side: int | None = None,
-        thumbnail_size: int | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        self.root = os.fspath(root)
-        self.relpaths = list(relpaths)
-        self.transform = transform
-        self.min_side = min_side
-        self.thumbnail_size = thumbnail_size
-        self.timeout = timeout
-
-    def __len__(self) -> int:
-        return len(self.relpaths)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
-        if self.timeout is None:
-            return self._item(i)
-        done, item = run_with_timeout(lambda: self._item(i), self.timeout)
-        return item if done else (i, None, f"decoding took over {self.timeout:g} s", None)
-
-    def _item(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
-        path = os.path.join(self.root, self.relpaths[i])
-        try:
-            img = load_image(path, self.min_side)
-        except ImageError as e:
-            return i, None, e.reason, None
-        try:
-            x = self.transform(img)
-        except Exception as e:  # noqa: BLE001 - one odd image must not end the run
-            return i, None, f"transform failed: {str(e)[:80] or type(e).__name__}", None
-        thumb = None
-        if self.thumbnail_size:
-            try:  # after the transform: thumbnailing works on the image in place
-                thumb = encode_thumbnail(img, self.thumbnail_size)
-            except Exception as e:  # noqa: BLE001 - the app falls back to decoding the file
-                logger.debug("%s: no thumbnail: %s", path, e)
-        return i, x, None, thumb
-
-
-def collate(items: Sequence[tuple[int, Any, str | None, bytes | None]]) -> DecodedBatch:
-    """Stacks the decoded items of a batch and keeps the failed ones aside."""
-    ok = [item for item in items if item[2] is None]
-    failed = [(i, reason) for i, _, reason, _ in items if reason is not None]
-    # default_collate stacks straight into shared memory inside a DataLoader worker.
-    images = default_collate([x for _, x, _, _ in ok]) if ok else None
-    thumbnails = [t for *_, t in ok] if any(t is not None for *_, t in ok) else []
-    return DecodedBatch([i for i, *_ in ok], images, failed, thumbnails)

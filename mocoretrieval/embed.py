@@ -1,21 +1,23 @@
-"""Embedding image files in batches: decoding in worker processes, the model in this one."""
+"""Embedding image files in batches: decoding in worker processes (`decode_pool`), the model here."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import os
-import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from .data import DecodedBatch, ImageFileDataset, collate
+from .decode_pool import (
+    DecodedBatch,
+    ImageFileDataset,
+    decode_batches,
+)
 from .errors import MoCoRetrievalError
 from .preprocess import Preprocess
 
@@ -28,9 +30,6 @@ MAX_AUTO_WORKERS = 4
 # The app's gallery thumbnails (also the side app.thumbnails decodes files to when the index
 # has none): made while the image is decoded.
 DEFAULT_THUMBNAIL_SIZE = 320
-# A file whose decoding takes longer is skipped as a stuck decoder. Draft-mode decoding of a
-# large photo takes well under a second; a minute is patience, not a limit on real files.
-DECODE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -199,8 +198,8 @@ def iter_embeddings(
         relpaths: the files to embed.
         batch_size: images per forward pass; None picks (see :func:`default_batch_size`).
         workers: decoding processes; None picks (see :func:`auto_workers`), 0 decodes in this
-            process, each file in a helper thread abandoned after :data:`DECODE_TIMEOUT_S`
-            (see :func:`mocoretrieval.data.run_with_timeout`).
+            process. A file that crashes, hangs or fails its decoder is skipped with its reason
+            (see :func:`mocoretrieval.decode_pool.decode_batches`).
         device: torch device; None picks CUDA when available, else CPU.
         progress: called after each batch with the number of files that batch finished
             (embedded + skipped), e.g. ``tqdm.update``.
@@ -245,33 +244,19 @@ def iter_embeddings(
         pre.pixels if split else pre,
         min_side=encoder.resize_size,
         thumbnail_size=thumbnail_size,
-        # In this process a stuck decoder is left behind in a helper thread; workers are
-        # killed by the DataLoader's own timeout instead.
-        timeout=DECODE_TIMEOUT_S if workers == 0 else None,
     )
-
-    def loader(chunk_lists: list[list[int]], num_workers: int = workers) -> DataLoader:
-        longest = max((len(c) for c in chunk_lists), default=1)
-        return DataLoader(
-            dataset,
-            batch_sampler=chunk_lists,
-            num_workers=num_workers,
-            collate_fn=collate,
-            pin_memory=dev.type == "cuda",
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            persistent_workers=False,
-            # Workers are timed out and killed; in this process the dataset times out each
-            # file's helper thread, which cannot be killed (one more reason for workers).
-            timeout=DECODE_TIMEOUT_S * longest if num_workers > 0 else 0,
-            worker_init_fn=die_with_parent if num_workers > 0 else None,
-        )
-
+    decoded = decode_batches(
+        dataset,
+        chunks,
+        chunks_per_batch,
+        workers=workers,
+        prefetch_factor=prefetch_factor,
+        pin_memory=dev.type == "cuda",
+    )
     logger.debug("embedding %d files on %s with %d workers", len(relpaths), dev, workers)
     return _embed_batches(
         encoder,
-        loader,
-        chunks,
-        chunks_per_batch,
+        decoded,
         relpaths,
         dev,
         memory_format,
@@ -281,33 +266,10 @@ def iter_embeddings(
     )
 
 
-# What a DataLoader iterator raises when one of its workers dies (see worker_died).
-_LOADER_ERRORS = (RuntimeError, ConnectionError, EOFError)
-
-
-def die_with_parent(_worker_id: int = 0) -> None:
-    """Asks Linux to kill this process when its parent dies (``PR_SET_PDEATHSIG``).
-
-    torch's workers notice a dead parent only between items; one stuck in a decoder would
-    outlive a killed ``mocoretrieval index``. Elsewhere a no-op.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _timed_out(e: BaseException) -> bool:
-    return isinstance(e, RuntimeError) and "DataLoader timed out" in str(e)
-
-
 def worker_died(e: BaseException) -> bool:
-    """Whether ``e`` reports a DataLoader worker that died (signal, crash).
+    """Whether ``e`` reports a torch DataLoader worker that died (signal, crash), for callers
+    that run a DataLoader of their own: :func:`iter_embeddings` raises no such error (its
+    decoding pool turns a dead worker into a skipped file).
 
     torch says so with a RuntimeError; when the worker dies after queueing a batch, receiving
     that batch's shared memory from it fails first, with a ConnectionError or an EOFError.
@@ -317,60 +279,9 @@ def worker_died(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
 
 
-def _decoding(data: DataLoader) -> Iterator[DecodedBatch]:
-    """An iterator over ``data`` whose worker deaths are errors of ``next``, never of a signal.
-
-    torch registers a multiprocess iterator's workers with its SIGCHLD handler, which raises
-    a dead worker's error at whatever line this process is running: in the middle of a
-    commit, in the caller's code, in this module's own recovery. Unregistered, the death
-    shows up in ``next`` only: as an EOFError or ConnectionError when receiving a batch from
-    the worker fails, or as torch's "exited unexpectedly" at its next liveness check (5 s).
-    """
-    decoded = iter(data)
-    if getattr(decoded, "_worker_pids_set", False):
-        from torch.utils.data import _utils
-
-        _utils.signal_handling._remove_worker_pids(id(decoded))
-        decoded._worker_pids_set = False
-    return decoded
-
-
-def _shut_down(decoded: Iterator[Any], kill: bool = False) -> None:
-    """Stops a DataLoader iterator's workers now, not when it is garbage-collected (an
-    exception's traceback keeps it alive, and its live workers decoding ahead). ``kill``: they
-    are stuck (a decode timed out), so they are killed rather than waited for."""
-    if kill:
-        for w in getattr(decoded, "_workers", []):
-            if w.is_alive():
-                w.kill()
-    shutdown = getattr(decoded, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
-    """Decodes item ``i`` in a worker of its own; a crash marks that file, nothing else."""
-    decoded = _decoding(loader([[i]], 1))
-    try:
-        return next(decoded)
-    except _LOADER_ERRORS as e:
-        if _timed_out(e):
-            _shut_down(decoded, kill=True)
-            return DecodedBatch([], None, [(i, f"decoding took over {DECODE_TIMEOUT_S:g} s")], [])
-        if not worker_died(e):
-            raise
-        _shut_down(decoded)  # joins the worker: its exit code says which signal ended it
-        codes = [getattr(w, "exitcode", None) for w in getattr(decoded, "_workers", [])]
-        signals = [signal.Signals(-c).name for c in codes if c is not None and c < 0]
-        reason = f"crashed the decoder ({signals[0]})" if signals else "crashed the decoder"
-        return DecodedBatch([], None, [(i, reason)], [])
-
-
 def _embed_batches(
     encoder: Any,
-    loader: Callable[..., DataLoader],
-    chunks: list[list[int]],
-    chunks_per_batch: list[int],
+    decoded: Generator[list[DecodedBatch], None, None],
     relpaths: list[str],
     dev: torch.device,
     memory_format: torch.memory_format | None,
@@ -407,26 +318,8 @@ def _embed_batches(
             progress(len(out))
         return out
 
-    b, first_chunk = 0, 0  # the next model batch, and its first chunk
-    while b < len(chunks_per_batch):
-        decoded = _decoding(loader(chunks[first_chunk:]))
-        try:
-            while b < len(chunks_per_batch):
-                n = chunks_per_batch[b]
-                out = finish([next(decoded) for _ in range(n)])
-                b, first_chunk = b + 1, first_chunk + n
-                yield out
-        except _LOADER_ERRORS as e:
-            if not (worker_died(e) or _timed_out(e)):
-                raise
-            _shut_down(decoded, kill=_timed_out(e))
-            # A worker died (a segfault in a C library, the OOM killer) or is stuck in a
-            # decoder. Every file of this batch is decoded alone, in a worker of its own, so
-            # the culprit is skipped with its reason; the next batches get fresh workers. The
-            # crash may have come from a batch decoded ahead: then it recurs there, once.
-            logger.warning("a decoding worker failed (%s); retrying files one by one", e)
-            n = chunks_per_batch[b]
-            indices = [i for chunk in chunks[first_chunk : first_chunk + n] for i in chunk]
-            out = finish([_decode_alone(loader, i) for i in indices])
-            b, first_chunk = b + 1, first_chunk + n
-            yield out
+    try:
+        for parts in decoded:
+            yield finish(parts)
+    finally:
+        decoded.close()  # stops the workers now, also when the caller stops early

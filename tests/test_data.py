@@ -12,14 +12,13 @@ from PIL import Image
 
 from mocoretrieval.data import (
     IMAGE_EXTENSIONS,
-    ImageFileDataset,
-    collate,
     encode_thumbnail,
     load_image,
     scan_images,
     to_rgb,
     walk_images,
 )
+from mocoretrieval.decode_pool import ImageFileDataset, collate
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from factories import make_images
 
-from mocoretrieval import data, embed
+from mocoretrieval import data, decode_pool
 from mocoretrieval.cli import main
 from mocoretrieval.index import ImageIndex
 
@@ -96,7 +96,7 @@ def test_a_stuck_decoder_is_a_skipped_file_with_its_reason(tmp_path, monkeypatch
     make_images(root, 4)
     monkeypatch.setenv("HANG_PID_FILE", str(tmp_path / "pid"))
     monkeypatch.setattr(data, "load_image", _hang_on("img_0001.png", 120))
-    monkeypatch.setattr(embed, "DECODE_TIMEOUT_S", 5.0, raising=False)
+    monkeypatch.setattr(decode_pool, "DECODE_TIMEOUT_S", 5.0)
     t0 = time.monotonic()
     report = ImageIndex.build(root, model=two_models[0], workers=1, batch_size=2).last_report
     assert time.monotonic() - t0 < 110
@@ -111,7 +111,7 @@ def test_a_stuck_decoder_without_workers_is_a_skipped_file(tmp_path, monkeypatch
     make_images(root, 4)
     monkeypatch.setenv("HANG_PID_FILE", str(tmp_path / "pid"))
     monkeypatch.setattr(data, "load_image", _hang_on("img_0001.png", 20))
-    monkeypatch.setattr(embed, "DECODE_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(decode_pool, "DECODE_TIMEOUT_S", 1.0)
     t0 = time.monotonic()
     report = ImageIndex.build(root, model=two_models[0], workers=0, batch_size=2).last_report
     assert time.monotonic() - t0 < 15
