@@ -80,8 +80,8 @@ def test_every_file_is_delivered_in_order(files, workers):
     ],
 )
 def test_a_crash_skips_that_file_and_delivers_the_rest(files, monkeypatch, fault, reason):
-    """Broken once on purpose: with the crashed chunk failed whole (no decoding of its files
-    alone), ``done`` lacked the culprit's chunk-mates. With torch's DataLoader and its 60 s
+    """Broken once on purpose: with the crashed chunk failed whole (its files not decoded
+    again alone), ``failed`` listed the culprit's chunk-mates too. With torch's DataLoader and its 60 s
     timeout, this took minutes: a dead worker was noticed only at the timeout."""
     culprit = files[1][5]
     _fault(monkeypatch, culprit, fault)
@@ -94,7 +94,7 @@ def test_a_crash_skips_that_file_and_delivers_the_rest(files, monkeypatch, fault
 
 def test_a_hang_is_skipped_after_the_timeout(files, monkeypatch):
     """Broken once on purpose: without the deadline check, the run waited out the stuck
-    decoder (20 s) and then delivered the file, failing both assertions."""
+    decoder (20 s), failing the time assertion, and then delivered the file."""
     culprit = files[1][2]
     _fault(monkeypatch, culprit, lambda: time.sleep(20))
     t0 = time.monotonic()
@@ -110,8 +110,9 @@ def _boom():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_error_is_skipped_with_its_reason(files, monkeypatch, workers):
-    """Broken once on purpose: without the dataset's catch-all, the error left the worker
-    and the iterator raised RuntimeError("a decoding worker failed: ValueError: ...")."""
+    """Broken once on purpose: without the dataset's catch-all, the iterator raised: the
+    ValueError itself with no workers, RuntimeError("a decoding worker failed: ValueError:
+    bad huffman table") with two."""
     culprit = files[1][3]
     _fault(monkeypatch, culprit, _boom)
     done, failed, _ = _decode(files, workers=workers)
@@ -121,7 +122,7 @@ def test_an_error_is_skipped_with_its_reason(files, monkeypatch, workers):
 
 def test_without_workers_a_hang_is_skipped_after_the_timeout(files, monkeypatch):
     """Broken once on purpose: without run_with_timeout around the item, the run waited for
-    the decoder (3 s) and the file was delivered."""
+    the decoder (3 s), failing the time assertion, and the file was delivered."""
     culprit = files[1][0]
     _fault(monkeypatch, culprit, lambda: time.sleep(3))
     t0 = time.monotonic()
@@ -172,7 +173,9 @@ def test_ctrl_c_while_a_worker_is_stuck_stops_the_workers(files, monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_workers_ask_to_die_with_their_parent(files, monkeypatch):
-    """The worker-side half of tests/reliability: every worker sets PR_SET_PDEATHSIG first."""
+    """The worker-side half of tests/reliability: every worker sets PR_SET_PDEATHSIG first.
+    Broken once on purpose: without die_with_parent() in the worker's loop, every file
+    "crashed the decoder (exit code 7)"."""
     real = data.load_image
 
     def load_image(path, *args, **kwargs):
