@@ -30,6 +30,7 @@ pinning is done on arrival, a ~1 ms copy beside a batch's decoding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -96,6 +97,7 @@ def run_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
     return True, value
 
 
+@dataclass
 class ImageFileDataset:
     """Files under a root, decoded and transformed; a bad file yields its reason, not an error.
 
@@ -103,7 +105,7 @@ class ImageFileDataset:
     ``thumbnail`` is a JPEG (see :func:`~mocoretrieval.data.encode_thumbnail`) made from the
     decoded image, or None when ``thumbnail_size`` is None or it could not be made.
 
-    Args:
+    Attributes:
         root: the folder ``relpaths`` are relative to.
         relpaths: image paths relative to ``root``.
         transform: PIL RGB image -> tensor or array (e.g. ``encoder.preprocess`` or its
@@ -113,19 +115,11 @@ class ImageFileDataset:
             as decoded for ``min_side``, so it is smaller when that image is.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        relpaths: Sequence[str],
-        transform: Callable[[Image.Image], Any],
-        min_side: int | None = None,
-        thumbnail_size: int | None = None,
-    ) -> None:
-        self.root = os.fspath(root)
-        self.relpaths = list(relpaths)
-        self.transform = transform
-        self.min_side = min_side
-        self.thumbnail_size = thumbnail_size
+    root: str | Path
+    relpaths: Sequence[str]
+    transform: Callable[[Image.Image], Any]
+    min_side: int | None = None
+    thumbnail_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -317,10 +311,8 @@ class _Pool:
         """Stops every worker: idle ones finish, busy ones (work no one wants now) are killed."""
         for w in self.workers:
             if not w.queue:
-                try:
+                with contextlib.suppress(OSError):
                     w.conn.send(None)
-                except OSError:
-                    pass
         for w in self.workers:
             if not w.queue:
                 w.process.join(1.0)

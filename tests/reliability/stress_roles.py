@@ -33,7 +33,7 @@ def _orphaned() -> bool:
 
 def _guard() -> None:
     """Asks Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``, as
-    :func:`mocoretrieval.embed.die_with_parent`, without importing torch); elsewhere the roles
+    :func:`mocoretrieval.decode_pool.die_with_parent`, without importing torch); elsewhere the roles
     check their parent between rounds."""
     try:
         import ctypes
