@@ -357,7 +357,7 @@ class ImageIndex:
         return {
             "source": source,
             "weights_hash": encoder.weights_hash(),
-            "config": getattr(encoder, "config", None),
+            "config": encoder.config.to_dict() if hasattr(encoder, "config") else None,
             "dim": int(encoder.dim),
         }
 

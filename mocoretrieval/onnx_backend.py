@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .embed import available_cpus
-from .encoder import EncoderConfigMixin, MoCoEncoder
+from .embedder import FIELDS, EncoderConfig, EncoderConfigMixin
+from .encoder import MoCoEncoder
 from .errors import BackendError, MoCoRetrievalError
 from .onnx_export import (
     FORMAT_VERSION,
@@ -79,7 +80,7 @@ class OnnxEncoder(EncoderConfigMixin):
         path: str | Path,
         threads: int | None = None,
         device: str = "cpu",
-        config: dict[str, Any] | None = None,
+        config: EncoderConfig | Mapping[str, Any] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -102,15 +103,11 @@ class OnnxEncoder(EncoderConfigMixin):
             providers.insert(0, "CUDAExecutionProvider")
         self.session = _session(self.path, opts, providers)
         self.meta = _parse_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
-        self._config = dict(config if config is not None else self.meta["config"])
+        c = config if config is not None else self.meta["config"]
+        where = f"the config in {self.path}"
+        self._config = c if isinstance(c, EncoderConfig) else EncoderConfig.from_dict(c)
         c = self._config
-        check_preprocessing(
-            c.get("resize_size"),
-            c.get("input_size"),
-            c.get("mean"),
-            c.get("std"),
-            where=f"the config in {self.path}",
-        )
+        check_preprocessing(c.resize_size, c.input_size, c.mean, c.std, where=where)
         if "dim" in self.meta and int(self.meta["dim"]) != self.dim:
             raise BackendError(
                 f"{self.path} outputs {self.meta['dim']}-d embeddings but its config describes "
@@ -125,48 +122,23 @@ class OnnxEncoder(EncoderConfigMixin):
         """Loads an exported model; preprocessing is rebuilt from the file's own metadata."""
         return cls(path, threads=threads)
 
-    # The attributes MoCoEncoder has, read from the exported config (is_resnet, is_vit and dim
-    # come from EncoderConfigMixin).
     @property
-    def config(self) -> dict[str, Any]:
-        return dict(self._config)
+    def config(self) -> EncoderConfig:
+        return self._config
 
-    @property
-    def arch(self) -> str:
-        return self._config["arch"]
-
-    @property
-    def input_size(self) -> int:
-        return int(self._config["input_size"])
-
-    @property
-    def resize_size(self) -> int:
-        return int(self._config["resize_size"])
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self._config["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self._config["std"])
-
-    @property
-    def source(self) -> str | None:
-        return self._config.get("source")
-
-    @property
-    def moco_version(self) -> str:
-        return self._config.get("moco_version", "v3")
-
-    @property
-    def embedding(self) -> str:
-        return self._config.get("embedding", "backbone")
+    def __getattr__(self, name: str) -> Any:
+        # The config's fields read as attributes, as MoCoEncoder has them (``arch``,
+        # ``input_size``, ``mean``...): one rule for every field, no forwarding list.
+        config = self.__dict__.get("_config")
+        if config is not None and name in FIELDS:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def preprocess(self) -> Preprocess:
         """The evaluation transform of the exported config, the same class MoCoEncoder uses."""
-        return Preprocess(self.resize_size, self.input_size, self.mean, self.std)
+        c = self._config
+        return Preprocess(c.resize_size, c.input_size, c.mean, c.std)
 
     def weights_hash(self) -> str:
         """The source encoder's weights hash, so indexes pin the same model whatever the backend."""
@@ -205,7 +177,7 @@ class OnnxEncoder(EncoderConfigMixin):
 
     def __repr__(self) -> str:
         q = f", quantize={self.quantize!r}" if self.quantize else ""
-        return f"OnnxEncoder({self.arch}, dim={self.dim}, path={str(self.path)!r}{q})"
+        return f"OnnxEncoder({self.config.arch}, dim={self.dim}, path={str(self.path)!r}{q})"
 
 
 # --- cache and backend choice ---------------------------------------------------------------
@@ -219,7 +191,8 @@ def cache_key(
     A quantized model also names what it was calibrated on (``calibrated_on``, e.g. the image
     folder), since its activation ranges are those of these images.
     """
-    graph = {k: v for k, v in encoder.config.items() if k not in ("source", "paper", "extra")}
+    config = encoder.config.to_dict()
+    graph = {k: v for k, v in config.items() if k not in ("source", "paper", "extra")}
     graph["format_version"] = FORMAT_VERSION
     digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:8]
     stem = f"{encoder.weights_hash()[:32]}-{digest}"
