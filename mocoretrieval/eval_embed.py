@@ -80,13 +80,13 @@ def load_models(
         models: model sources (as ``index --model`` takes them), :data:`RAW_PIXELS`,
             encoders already loaded, or any object with their embedding protocol (``embed``,
             ``preprocess``, ``resize_size``, ``dim``; ``weights_hash`` to reuse an index).
-        backend, device, notify: see :func:`~mocoretrieval.onnx_backend.load_backend`.
+        backend, device, notify: see :func:`~mocoretrieval.models.load_backend`.
         quantize: ``int8``: each model is evaluated as given and quantized, side by side.
         calibration_images, calibrated_on: the images int8 is calibrated on, and the folder
             they stand for.
         raw_size: side of the raw-pixel baseline.
     """
-    from .onnx_backend import load_backend
+    from .models import load_backend
 
     out: list[tuple[str, Any]] = []
     for model in models:
