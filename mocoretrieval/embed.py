@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import DecodedBatch, ImageFileDataset, collate
+from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .preprocess import Preprocess
 
@@ -120,7 +121,7 @@ def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
     return min(num_files, max(1, min(cpus, MAX_AUTO_WORKERS)))
 
 
-def default_batch_size(encoder: Any, device: torch.device | str = "cpu") -> int:
+def default_batch_size(encoder: Embedder, device: torch.device | str = "cpu") -> int:
     """Images per forward pass when none is asked for: 8 for a torch model on CPU, else 32.
 
     Measured on 2 cores with ResNet-50 (benchmarks/RESULTS.md, index_throughput 06:37 and the
@@ -159,7 +160,7 @@ def plan_chunks(
     return chunks, per_batch
 
 
-def _prepare_encoder(encoder: Any, device: torch.device) -> torch.memory_format | None:
+def _prepare_encoder(encoder: Embedder, device: torch.device) -> torch.memory_format | None:
     """Moves a torch encoder to ``device``; returns the input memory format it wants."""
     if not isinstance(encoder, torch.nn.Module):
         return None  # e.g. the ONNX runtime backend: it owns its device and layout
@@ -174,7 +175,7 @@ def _prepare_encoder(encoder: Any, device: torch.device) -> torch.memory_format 
 
 
 def iter_embeddings(
-    encoder: Any,
+    encoder: Embedder,
     root: str | Path,
     relpaths: Sequence[str],
     *,
@@ -367,7 +368,7 @@ def _decode_alone(loader: Callable[..., DataLoader], i: int) -> DecodedBatch:
 
 
 def _embed_batches(
-    encoder: Any,
+    encoder: Embedder,
     loader: Callable[..., DataLoader],
     chunks: list[list[int]],
     chunks_per_batch: list[int],
