@@ -283,6 +283,8 @@ def open_index(
     """
     if root is None and (quantize is not None or index_type is not None or rebuild):
         raise MoCoRetrievalError("quantize, index_type and rebuild apply when indexing a root")
+    root = Path(root).expanduser() if root is not None else None
+    index = Path(index).expanduser() if index is not None else None
     embedder = index_model(
         model,
         backend,
