@@ -14,6 +14,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from mocoretrieval.index import ImageIndex
+
 from . import views
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def open_index(
     backend: str = "auto",
     device: str | None = None,
     notify: Callable[[str], None] | None = None,
-) -> Any:
+) -> ImageIndex:
     """Opens the index and loads its query encoder now, so the first query is not the slow one
     and a missing model is reported at start-up rather than in the page.
 
@@ -118,13 +120,11 @@ def open_index(
         notify: told before a one-time ONNX export starts (an index built with torch, served
             with onnxruntime), so that the command can say why start-up waits.
     """
-    from mocoretrieval.index import ImageIndex
-    from mocoretrieval.onnx_backend import index_model
+    from mocoretrieval.models import open_index as open_with_model
 
-    model = index_model(None, backend, device, index_dir=path, notify=notify)
-    index = ImageIndex.open(path, model=model, device=device)
+    index = open_with_model(path, backend=backend, device=device, notify=notify)
     encoder = index.encoder
-    side = int(getattr(encoder, "input_size", 224))
+    side = int(encoder.config.input_size)
     encoder.embed([Image.new("RGB", (side, side))])  # warm-up: allocations, thread pools
     return index
 

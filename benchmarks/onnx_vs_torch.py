@@ -43,7 +43,8 @@ from mocoretrieval import MoCoEncoder
 from mocoretrieval.data import walk_images
 from mocoretrieval.embed import available_cpus, iter_embeddings
 from mocoretrieval.index import ImageIndex
-from mocoretrieval.onnx_backend import OnnxEncoder, cached_onnx
+from mocoretrieval.onnx_backend import OnnxEncoder
+from mocoretrieval.onnx_cache import cached_onnx
 from mocoretrieval.onnx_quantize import sample_evenly
 
 

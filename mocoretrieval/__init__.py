@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .data import IMAGE_EXTENSIONS, load_image, walk_images
 from .embed import EmbeddedBatch, iter_embeddings
+from .embedder import DeferredModel, Embedder, EncoderConfig
 from .encoder import MoCoEncoder
 from .errors import (
     BackendError,
@@ -16,24 +17,17 @@ from .errors import (
     SourceError,
     UnsafeCheckpointError,
 )
-from .onnx_backend import OnnxEncoder, load_backend
+from .index import ImageIndex, SearchResult, UpdateReport
+from .models import load_backend, load_model, open_index
+from .onnx_backend import OnnxEncoder
 from .onnx_export import export_onnx
 from .preprocess import Preprocess
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
 
+# `import mocoretrieval` works without faiss installed (the training package needs none):
+# `mocoretrieval.ann` imports it when an index is first built or searched.
+
 __version__ = "0.1.0"
-
-# Imported on first use, so that `import mocoretrieval` (and the training package) work
-# without faiss installed.
-_LAZY = {"ImageIndex": ".index", "SearchResult": ".index", "UpdateReport": ".index"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -43,7 +37,10 @@ __all__ = [
     "BackendError",
     "CheckpointError",
     "DatasetError",
+    "DeferredModel",
     "EmbeddedBatch",
+    "Embedder",
+    "EncoderConfig",
     "ImageError",
     "ImageIndex",
     "IndexFormatError",
@@ -61,5 +58,7 @@ __all__ = [
     "iter_embeddings",
     "load_backend",
     "load_image",
+    "load_model",
+    "open_index",
     "walk_images",
 ]

@@ -45,7 +45,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     path = export_onnx(encoder, args.out, opset=args.opset)
     print(
         f"wrote {path} and {sidecar_path(path).name}: {encoder.arch}, {encoder.dim}-d, opset "
-        f"{args.opset}; load it with mocoretrieval.onnx_backend.OnnxEncoder.from_file"
+        f"{args.opset}; load it with mocoretrieval.OnnxEncoder.from_file"
     )
     return 0
 
@@ -114,25 +114,18 @@ def _shown(path: str) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .index import ImageIndex
-    from .onnx_backend import index_model
+    from .models import open_index
 
-    model = index_model(
-        args.model,
-        args.backend,
-        args.device,
-        index_dir=args.index,
+    index = open_index(
+        args.index,
         root=args.root,
+        model=args.model,
+        backend=args.backend,
+        device=args.device,
         quantize=args.quantize,
         notify=None if args.quiet else notify,
-    )
-    index = ImageIndex.create(
-        args.root,
-        model,
-        args.index,
         index_type=args.index_type,
         rebuild=args.rebuild,
-        device=args.device,
     )
     progress = Progress(args.quiet)
     try:
@@ -172,11 +165,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .index import ImageIndex
-    from .onnx_backend import index_model
+    from .models import open_index
 
-    model = index_model(None, args.backend, args.device, index_dir=args.index, notify=notify)
-    index = ImageIndex.open(args.index, model=model, device=args.device)
+    index = open_index(args.index, backend=args.backend, device=args.device, notify=notify)
     results = index.search_batch(args.images, k=args.k)
     if args.json:
         out = [
@@ -194,11 +185,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_duplicates(args: argparse.Namespace) -> int:
-    from .index import ImageIndex
+    from .models import open_index
 
     progress = Progress(quiet=False)
     try:
-        groups = ImageIndex.open(args.index).duplicates(args.threshold, progress=progress)
+        groups = open_index(args.index).duplicates(args.threshold, progress=progress)
     finally:
         progress.close()
     if args.json:
@@ -214,9 +205,9 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .index import ImageIndex
+    from .models import open_index
 
-    info = ImageIndex.open(args.index).info()
+    info = open_index(args.index).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -304,7 +295,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_duplicates(sub: argparse._SubParsersAction) -> None:
-    from .index import DEFAULT_DUPLICATE_THRESHOLD
+    from .duplicates import DEFAULT_DUPLICATE_THRESHOLD
 
     p = sub.add_parser("duplicates", help="groups of near-duplicate images in an index")
     p.add_argument(

@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from .decode_pool import (
     ImageFileDataset,
     decode_batches,
 )
+from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .preprocess import Preprocess
 
@@ -119,7 +119,7 @@ def auto_workers(num_files: int, device: torch.device | str = "cpu") -> int:
     return min(num_files, max(1, min(cpus, MAX_AUTO_WORKERS)))
 
 
-def default_batch_size(encoder: Any, device: torch.device | str = "cpu") -> int:
+def default_batch_size(encoder: Embedder, device: torch.device | str = "cpu") -> int:
     """Images per forward pass when none is asked for: 8 for a torch model on CPU, else 32.
 
     Measured on 2 cores with ResNet-50 (benchmarks/RESULTS.md, index_throughput 06:37 and the
@@ -158,7 +158,7 @@ def plan_chunks(
     return chunks, per_batch
 
 
-def _prepare_encoder(encoder: Any, device: torch.device) -> torch.memory_format | None:
+def _prepare_encoder(encoder: Embedder, device: torch.device) -> torch.memory_format | None:
     """Moves a torch encoder to ``device``; returns the input memory format it wants."""
     if not isinstance(encoder, torch.nn.Module):
         return None  # e.g. the ONNX runtime backend: it owns its device and layout
@@ -173,7 +173,7 @@ def _prepare_encoder(encoder: Any, device: torch.device) -> torch.memory_format 
 
 
 def iter_embeddings(
-    encoder: Any,
+    encoder: Embedder,
     root: str | Path,
     relpaths: Sequence[str],
     *,
@@ -280,7 +280,7 @@ def worker_died(e: BaseException) -> bool:
 
 
 def _embed_batches(
-    encoder: Any,
+    encoder: Embedder,
     decoded: Generator[list[DecodedBatch], None, None],
     relpaths: list[str],
     dev: torch.device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,13 +14,17 @@ from huggingface_hub import PyTorchModelHubMixin
 from PIL import Image
 from torch import nn
 
-from .backbones import RESNETS, VITS, build_backbone, feature_dim
+from .backbones import build_backbone, feature_dim
+from .embedder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderConfig,
+    EncoderConfigMixin,
+)
 from .errors import ConfigError
 from .heads import build_mlp
 from .preprocess import Preprocess, check_preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPERS = {
     "v1": "He et al., Momentum Contrast for Unsupervised Visual Representation Learning, CVPR 2020",
     "v2": "Chen et al., Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297",
@@ -50,36 +54,6 @@ encoder = MoCoEncoder.from_pretrained("PATH_OR_REPO_ID")
 vectors = encoder.embed([image])  # (N, {dim}) float32, L2-normalised
 ```
 {extra}"""
-
-
-def embedding_dim(config: dict[str, Any]) -> int:
-    """Dimension of the embeddings of the encoder ``config`` (as in config.json) describes."""
-    if config.get("embedding", "backbone") == "projection":
-        return int(config["head"]["out_dim"])
-    return feature_dim(config["arch"])
-
-
-class EncoderConfigMixin:
-    """What follows from an encoder's ``config``: one definition for every backend.
-
-    `MoCoEncoder` and `OnnxEncoder` both have ``config`` (the config.json fields); these
-    properties are derived from it rather than repeated in each.
-    """
-
-    config: dict[str, Any]
-
-    @property
-    def is_resnet(self) -> bool:
-        return self.config["arch"] in RESNETS
-
-    @property
-    def is_vit(self) -> bool:
-        return self.config["arch"] in VITS
-
-    @property
-    def dim(self) -> int:
-        """Dimension of the embeddings ``embed`` returns."""
-        return embedding_dim(self.config)
 
 
 class MoCoEncoder(
@@ -158,22 +132,22 @@ class MoCoEncoder(
         self.eval()
 
     @property
-    def config(self) -> dict[str, Any]:
-        """The JSON-able constructor arguments, as written to config.json."""
-        return {
-            "arch": self.arch,
-            "moco_version": self.moco_version,
-            "embedding": self.embedding,
-            "head": self.head_config,
-            "input_size": self.input_size,
-            "resize_size": self.resize_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "small_stem": self.small_stem,
-            "source": self.source,
-            "paper": self.paper,
-            "extra": self.extra,
-        }
+    def config(self) -> EncoderConfig:
+        """The constructor arguments, as written to config.json (``config.to_dict()``)."""
+        return EncoderConfig(
+            arch=self.arch,
+            moco_version=self.moco_version,
+            embedding=self.embedding,
+            head=self.head_config,
+            input_size=self.input_size,
+            resize_size=self.resize_size,
+            mean=self.mean,
+            std=self.std,
+            small_stem=self.small_stem,
+            source=self.source,
+            paper=self.paper,
+            extra=self.extra,
+        )
 
     @property
     def preprocess(self) -> Preprocess:
@@ -231,7 +205,9 @@ class MoCoEncoder(
         """Writes config.json, model.safetensors and a README.md model card to a directory."""
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        kwargs["config"] = self.config  # _save_pretrained also rewrites README.md every time
+        kwargs["config"] = (
+            self.config.to_dict()
+        )  # _save_pretrained also rewrites README.md every time
         return super().save_pretrained(save_directory, **kwargs)
 
     def model_card(self) -> str:
@@ -254,15 +230,14 @@ class MoCoEncoder(
         )
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> MoCoEncoder:
-        known = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
-        unknown = set(config) - known
-        if unknown:
-            raise ValueError(
-                f"config.json has unknown fields {sorted(unknown)}; it was written by a newer "
-                "mocoretrieval: upgrade with `pip install -U mocoretrieval`"
-            )
-        return cls(**config)
+    def from_config(cls, config: Mapping[str, Any]) -> MoCoEncoder:
+        """The encoder a config.json object (or an :class:`EncoderConfig`) describes.
+
+        Raises:
+            ConfigError: a field this version does not know, or a value it cannot use.
+        """
+        fields = EncoderConfig.from_dict(config)
+        return cls(**{name: getattr(fields, name) for name in fields})
 
     # How `from_pretrained` resolves a source: `mocoretrieval.sources.load`, which registers
     # itself when imported (the package's __init__ imports it, so it always has). This file, like

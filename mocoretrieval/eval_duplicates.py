@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import csv
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from .duplicates import DEFAULT_DUPLICATE_THRESHOLD
 from .edits import make_copies
+from .embedder import Embedder
 from .errors import DatasetError
 from .eval_embed import embed_files, load_models
 from .eval_report import ModelRun, Report, choose_images, folder_images, progress_steps
-from .index import DEFAULT_DUPLICATE_THRESHOLD
 from .metrics import PrecisionRecall, duplicate_precision_recall
 from .sources import DEFAULT_MODEL
 
@@ -74,7 +75,7 @@ def read_groups(path: str | Path, files: Sequence[str]) -> dict[str, str]:
 
 def eval_duplicates(
     folder: str | Path,
-    models: Sequence[Any] = (DEFAULT_MODEL,),
+    models: Sequence[Embedder | str | os.PathLike] = (DEFAULT_MODEL,),
     *,
     groups: str | Path | None = None,
     n: int = 100,

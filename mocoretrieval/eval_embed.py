@@ -9,13 +9,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .embed import iter_embeddings
+from .embedder import Embedder, EncoderConfig
 from .errors import IndexFormatError, MoCoRetrievalError
 from .layout import DATABASE, DEFAULT_DIRNAME, read_manifest
 from .preprocess import Preprocess
@@ -47,8 +47,21 @@ class RawPixels:
         self.dim = 3 * self.input_size**2
 
     @property
+    def config(self) -> EncoderConfig:
+        """Its preprocessing, as an encoder's config says it (``arch`` names the baseline)."""
+        return EncoderConfig(
+            arch=RAW_PIXELS,
+            input_size=self.input_size,
+            resize_size=self.resize_size,
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            source=RAW_PIXELS,
+        )
+
+    @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.resize_size, self.input_size, (0.5,) * 3, (0.5,) * 3)
+        c = self.config
+        return Preprocess(c.resize_size, c.input_size, c.mean, c.std)
 
     def embed(self, images: Sequence[Image.Image] | torch.Tensor) -> np.ndarray:
         batch = images if isinstance(images, torch.Tensor) else self.preprocess.batch(images)
@@ -64,7 +77,7 @@ class RawPixels:
 
 
 def load_models(
-    models: Sequence[Any],
+    models: Sequence[Embedder | str | os.PathLike],
     *,
     backend: str = "auto",
     device: str | None = None,
@@ -73,22 +86,22 @@ def load_models(
     calibrated_on: str | None = None,
     notify: Callable[[str], None] | None = None,
     raw_size: int = 32,
-) -> list[tuple[str, Any]]:
+) -> list[tuple[str, Embedder]]:
     """``(name, encoder)`` of each model to evaluate, in order.
 
     Args:
         models: model sources (as ``index --model`` takes them), :data:`RAW_PIXELS`,
             encoders already loaded, or any object with their embedding protocol (``embed``,
             ``preprocess``, ``resize_size``, ``dim``; ``weights_hash`` to reuse an index).
-        backend, device, notify: see :func:`~mocoretrieval.onnx_backend.load_backend`.
+        backend, device, notify: see :func:`~mocoretrieval.models.load_backend`.
         quantize: ``int8``: each model is evaluated as given and quantized, side by side.
         calibration_images, calibrated_on: the images int8 is calibrated on, and the folder
             they stand for.
         raw_size: side of the raw-pixel baseline.
     """
-    from .onnx_backend import load_backend
+    from .models import load_backend
 
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, Embedder]] = []
     for model in models:
         if isinstance(model, str) and model == RAW_PIXELS:
             out.append((RAW_PIXELS, RawPixels(raw_size)))
@@ -114,7 +127,7 @@ def load_models(
     return out
 
 
-def _is_embedder(model: Any) -> bool:
+def _is_embedder(model: object) -> bool:
     """Has the embedding protocol but is neither a source nor an encoder load_backend takes."""
     from .encoder import MoCoEncoder
     from .onnx_backend import OnnxEncoder
@@ -124,7 +137,7 @@ def _is_embedder(model: Any) -> bool:
     return all(hasattr(model, a) for a in ("embed", "preprocess", "dim", "resize_size"))
 
 
-def _name_of(encoder: Any) -> str:
+def _name_of(encoder: Embedder) -> str:
     source = getattr(encoder, "loaded_from", None) or getattr(encoder, "source", None)
     return str(source) if source else f"{getattr(encoder, 'arch', type(encoder).__name__)}"
 
@@ -147,7 +160,7 @@ class EmbeddedSet:
 
 
 def stored_vectors(
-    encoder: Any, root: str | Path, relpaths: Sequence[str]
+    encoder: Embedder, root: str | Path, relpaths: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """The vectors an index of ``root`` (in ``root/.mocoretrieval``) holds for ``relpaths``.
 
@@ -195,7 +208,7 @@ def stored_vectors(
 
 
 def embed_files(
-    encoder: Any,
+    encoder: Embedder,
     root: str | Path,
     relpaths: Sequence[str],
     *,
@@ -240,7 +253,7 @@ def embed_files(
 
 
 def embed_arrays(
-    encoder: Any,
+    encoder: Embedder,
     images: np.ndarray,
     batch_size: int = 256,
     progress: Progress | None = None,

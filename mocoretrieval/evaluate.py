@@ -7,6 +7,7 @@ report dataclass, one result per model, with ``to_dict()`` for JSON.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from .data import walk_images
 from .edits import COMBINED, get_preset, kinds_of, make_copies
+from .embedder import Embedder
 from .errors import DatasetError
 from .eval_duplicates import DuplicatesReport, DuplicatesResult, eval_duplicates, read_groups
 from .eval_embed import RAW_PIXELS, embed_arrays, embed_files, load_models
@@ -58,7 +60,7 @@ class CopiesReport(Report):
 
 def eval_copies(
     folder: str | Path,
-    models: Sequence[Any] = (DEFAULT_MODEL,),
+    models: Sequence[Embedder | str | os.PathLike] = (DEFAULT_MODEL,),
     *,
     n: int = 100,
     seed: int = 0,
@@ -207,7 +209,7 @@ def _check_class_sizes(labels: Sequence[int], classes: Sequence[str], where: Any
 
 def eval_knn(
     folder: str | Path | None = None,
-    models: Sequence[Any] = (DEFAULT_MODEL,),
+    models: Sequence[Embedder | str | os.PathLike] = (DEFAULT_MODEL,),
     *,
     dataset: str | None = None,
     ks: Sequence[int] = (20, 200),

@@ -49,7 +49,7 @@ def _metadata(encoder: MoCoEncoder, opset: int, quantize: str | None) -> dict[st
     return {
         "format": "mocoretrieval-onnx",
         "format_version": FORMAT_VERSION,
-        "config": encoder.config,
+        "config": encoder.config.to_dict(),
         "weights_hash": encoder.weights_hash(),
         "dim": encoder.dim,
         "input_name": INPUT_NAME,

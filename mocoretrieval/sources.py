@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ ACCEPTED = (
 )
 
 
+def normalize_source(source: str | os.PathLike) -> str:
+    """A model source as an index records it: a local path expanded (``~``) and made absolute,
+    so that it is found again from any folder; an alias or Hub id as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
 def load(
     source: str | Path, *, device: str | torch.device = "cpu", **overrides: Any
 ) -> MoCoEncoder:
@@ -78,7 +86,7 @@ def load(
         raise SourceError(
             f"cannot load a model from {text!r}: no such file or directory.\n{ACCEPTED}"
         )
-    encoder.loaded_from = str(path.resolve()) if path.exists() else text
+    encoder.loaded_from = normalize_source(text)
     return encoder.to(device).eval()
 
 
@@ -158,7 +166,7 @@ def _from_files(config_file: Path, weights_file: Path, overrides: dict[str, Any]
 
 
 def encoder_with_weights(
-    config: dict[str, Any], state: dict[str, torch.Tensor], origin: str
+    config: Mapping[str, Any], state: dict[str, torch.Tensor], origin: str
 ) -> MoCoEncoder:
     """The encoder ``config`` describes, holding the tensors of ``state`` (strictly checked).
 

@@ -203,7 +203,7 @@ def test_first_onnx_run_says_it_exports_once(tmp_path, capsys):
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_rerun_on_unchanged_folder_loads_no_model(tmp_path, capsys, monkeypatch, backend):
-    from mocoretrieval import onnx_backend, sources
+    from mocoretrieval import models, sources
 
     torch.manual_seed(22)
     make_tiny_encoder().save_pretrained(tmp_path / "enc")
@@ -212,10 +212,10 @@ def test_rerun_on_unchanged_folder_loads_no_model(tmp_path, capsys, monkeypatch,
     common = ["--workers", "0", "-q", "--backend", backend]
     assert main(["index", str(root), "--model", str(tmp_path / "enc"), *common]) == 0
     loads: list[str] = []  # which loader ran, in order
-    real_load, real_backend = sources.load, onnx_backend.load_backend
+    real_load, real_backend = sources.load, models.load_backend
     monkeypatch.setattr(sources, "load", lambda *a, **k: loads.append("load") or real_load(*a, **k))
     monkeypatch.setattr(
-        onnx_backend,
+        models,
         "load_backend",
         lambda *a, **k: loads.append("backend") or real_backend(*a, **k),
     )

@@ -13,16 +13,12 @@ from factories import make_images
 from PIL import Image
 
 from mocoretrieval import MoCoEncoder
-from mocoretrieval import onnx_backend as ob
+from mocoretrieval import onnx_cache as oc
 from mocoretrieval import onnx_export as ox
 from mocoretrieval.errors import BackendError
-from mocoretrieval.onnx_backend import (
-    OnnxEncoder,
-    choose_backend,
-    export_onnx,
-    load_backend,
-    sidecar_path,
-)
+from mocoretrieval.models import choose_backend, load_backend
+from mocoretrieval.onnx_backend import OnnxEncoder
+from mocoretrieval.onnx_export import export_onnx, sidecar_path
 
 
 def make_tiny_encoder(arch: str = "resnet18") -> MoCoEncoder:
@@ -59,7 +55,7 @@ def images():
 def cache_dir():
     # The session's model cache (conftest points it at a temporary folder): the CLI tests below
     # then reuse the exports of the tests above instead of exporting the same weights again.
-    return ob.default_cache_dir()
+    return oc.default_cache_dir()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +66,7 @@ def resnet_export(cache_dir):
     """
     torch.manual_seed(0)
     encoder = make_tiny_encoder("resnet18")
-    return encoder, ob.cached_onnx(encoder, cache_dir)
+    return encoder, oc.cached_onnx(encoder, cache_dir)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_small"])
@@ -178,13 +174,13 @@ def test_auto_is_onnx_on_cpu_and_torch_on_gpu(monkeypatch):
 @pytest.fixture
 def export_calls(monkeypatch):
     calls = []
-    real = ob.export_onnx
+    real = oc.export_onnx
 
     def counting(encoder, path, *args, **kwargs):
         calls.append(path)
         return real(encoder, path, *args, **kwargs)
 
-    monkeypatch.setattr(ob, "export_onnx", counting)
+    monkeypatch.setattr(oc, "export_onnx", counting)
     return calls
 
 
@@ -230,7 +226,7 @@ def test_damaged_cache_file_is_exported_again(tmp_path, resnet_export, monkeypat
         shutil.copy(sidecar_path(good), sidecar_path(path))
         return path
 
-    monkeypatch.setattr(ob, "export_onnx", fake_export)
+    monkeypatch.setattr(oc, "export_onnx", fake_export)
     again = load_backend(encoder, "onnx", cache_dir=tmp_path)
     assert calls == [damaged] and again.weights_hash() == encoder.weights_hash()
 
@@ -320,12 +316,12 @@ def test_index_from_one_backend_is_searchable_with_the_other(
 def test_index_with_int8_calibrates_on_the_folder(tmp_path, image_folder, tiny_encoder_dir, capsys):
     from mocoretrieval.cli import main
 
-    for old in ob.default_cache_dir().glob("*-int8.onnx"):
+    for old in oc.default_cache_dir().glob("*-int8.onnx"):
         old.unlink()  # calibrate here, on this folder
     index = tmp_path / "index"
     argv = ["index", str(image_folder), "--model", str(tiny_encoder_dir), "--index", str(index)]
     assert main([*argv, "--quantize", "int8", "-q"]) == 0
-    (int8,) = ob.default_cache_dir().glob("*-int8.onnx")
+    (int8,) = oc.default_cache_dir().glob("*-int8.onnx")
     assert OnnxEncoder.from_file(int8).meta["calibration_images"] == 18  # every image: 12 + 6
     capsys.readouterr()
     query = min(image_folder.glob("*.png"))
@@ -336,7 +332,7 @@ def test_index_with_int8_calibrates_on_the_folder(tmp_path, image_folder, tiny_e
     other = tmp_path / "other"
     make_images(other, 5, seed=9)
     assert main(["index", str(other), "--model", str(tiny_encoder_dir), "--quantize", "int8"]) == 0
-    files = sorted(ob.default_cache_dir().glob("*-int8.onnx"))
+    files = sorted(oc.default_cache_dir().glob("*-int8.onnx"))
     assert len(files) == 2
     counts = sorted(OnnxEncoder.from_file(f).meta["calibration_images"] for f in files)
     assert counts == [5, 18]

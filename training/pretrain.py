@@ -399,7 +399,7 @@ def save_checkpoint(t: Trainer) -> None:
             "sampler": t.sampler.state_dict(),
             "rng": rngs,
             "knn": t.knn_history,
-            "encoder_config": t.moco.base_encoder.config,
+            "encoder_config": t.moco.base_encoder.config.to_dict(),
             "data": t.data_info,
             "world_size": t.world,
         },

@@ -13,7 +13,8 @@ from PIL import Image
 from mocoretrieval import cli
 from mocoretrieval.encoder import MoCoEncoder
 from mocoretrieval.index import ImageIndex
-from mocoretrieval.onnx_backend import OnnxEncoder, load_backend
+from mocoretrieval.models import load_backend
+from mocoretrieval.onnx_backend import OnnxEncoder
 from mocoretrieval.onnx_export import file_sha256, sidecar_path
 
 

@@ -1,0 +1,141 @@
+"""Searching an index: query vectors, k-nearest images, near-duplicate groups.
+
+`ImageIndex` takes these methods from :class:`Searching`; they only read the index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from .data import load_image
+from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, duplicate_groups
+from .embedder import Embedder
+from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
+from .pathsafety import inside_root
+from .store import Store
+
+Query = str | os.PathLike | Image.Image | np.ndarray
+
+
+class SearchResult(NamedTuple):
+    """One hit: the image's absolute path, its cosine similarity to the query, and its path
+    relative to the indexed root (POSIX, as :meth:`ImageIndex.paths` lists it)."""
+
+    path: str
+    score: float
+    relpath: str
+
+
+class Searching:
+    """The searching half of `ImageIndex`: it reads the store and the FAISS file, never writes."""
+
+    # Set by ImageIndex.__init__.
+    root: Path
+    dim: int
+    store: Store
+    manifest: dict[str, Any]
+    # ImageIndex's: the model (loaded when first needed), and the FAISS index of the current
+    # manifest (reloaded when another process replaced it).
+    encoder: Embedder
+    _faiss_index: Callable[[], Any]
+
+    def embed_queries(self, queries: Sequence[Query]) -> np.ndarray:
+        """(len(queries), D) L2-normalised query vectors from images, file paths or vectors."""
+        out = np.empty((len(queries), self.dim), dtype=np.float32)
+        images: list[tuple[int, Image.Image]] = []
+        for i, q in enumerate(queries):
+            if isinstance(q, Image.Image):
+                images.append((i, q))
+            elif isinstance(q, (str, os.PathLike)):
+                if not os.path.exists(q):
+                    raise ImageError("no such file", os.fspath(q))
+                images.append(
+                    (i, load_image(q, min_side=getattr(self.encoder, "resize_size", None)))
+                )
+            else:
+                v = np.asarray(q, dtype=np.float32).reshape(-1)
+                if v.shape[0] != self.dim:
+                    raise ModelMismatchError(
+                        f"query vector has {v.shape[0]} dimensions; the index holds "
+                        f"{self.dim}-d embeddings of {self.manifest['encoder']['source']}"
+                    )
+                out[i] = v
+        for start in range(0, len(images), 32):
+            chunk = images[start : start + 32]
+            out[[i for i, _ in chunk]] = self.encoder.embed([im for _, im in chunk])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise MoCoRetrievalError("a query vector is all zeros; it cannot be searched")
+        return out / norms
+
+    def search(self, query: Query, k: int = 10) -> list[SearchResult]:
+        """The ``k`` images most similar to ``query`` (an image, a file path or a vector)."""
+        return self.search_batch([query], k)[0]
+
+    def search_batch(self, queries: Sequence[Query], k: int = 10) -> list[list[SearchResult]]:
+        """:meth:`search` for several queries at once (faster than one by one)."""
+        if k < 1:
+            raise MoCoRetrievalError(f"k must be at least 1, got {k}")
+        index = self._faiss_index()  # first: it reloads a newer manifest (and model)
+        vectors = self.embed_queries(list(queries))
+        if index.ntotal == 0:
+            return [[] for _ in queries]
+        scores, ids = index.search(vectors, min(k, index.ntotal))
+        paths = self._stored_paths(ids.ravel())
+        return [
+            [self._result(paths[i], s) for s, i in zip(row_s, row_i) if i in paths]
+            for row_s, row_i in zip(scores, ids)
+        ]
+
+    def _stored_paths(self, vector_ids: Any) -> dict[int, str]:
+        """Relative paths of stored vector ids, normalised; stored paths outside the root are
+        left out (see :func:`~mocoretrieval.pathsafety.inside_root`)."""
+        out: dict[int, str] = {}
+        for i, rel in self.store.paths_of(vector_ids).items():
+            norm = inside_root(rel)
+            if norm is not None:
+                out[i] = norm
+        return out
+
+    def _result(self, rel: str, score: float) -> SearchResult:
+        return SearchResult(str(self.root / rel), float(score), rel)
+
+    def duplicates(
+        self,
+        threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+        *,
+        batch: int = 1024,
+        neighbours: int = DUPLICATE_NEIGHBOURS,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[list[SearchResult]]:
+        """Groups of near-duplicate images: similarity at least ``threshold`` to some member.
+
+        A k-NN search of ``neighbours`` per stored vector, ``batch`` vectors at a time, so the
+        work is bounded by N x ``neighbours`` even when thousands of images are alike (see
+        :func:`mocoretrieval.ann.neighbour_pairs`). Groups are the connected components of the
+        "similar enough" pairs (union-find), largest first; each member's score is its best
+        similarity to another member. ``progress(done, total)`` is called after each batch.
+        """
+        groups, best = duplicate_groups(
+            self._faiss_index(),
+            self.store,
+            threshold,
+            batch=batch,
+            neighbours=neighbours,
+            progress=progress,
+        )
+        paths = self._stored_paths(best)
+        out = [
+            sorted(
+                (self._result(paths[i], best[i]) for i in members if i in paths),
+                key=lambda r: (-r.score, r.path),
+            )
+            for members in groups
+        ]
+        return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0].path))
