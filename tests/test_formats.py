@@ -3,12 +3,12 @@ reason, and a RAW + JPEG pair counted once. Every file is written by the test (s
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 from dng import write_dng
 from PIL import Image
@@ -26,6 +26,16 @@ def _halves(w: int = 96, h: int = 64) -> Image.Image:
     img = Image.new("RGB", (w, h), RED)
     img.paste(BLUE, (w // 2, 0, w, h))
     return img
+
+
+def _write(img: Image.Image, path: Path, fmt: str) -> Path:
+    """Saves ``img``; HEIF straight through pillow-heif, so that a test that fails to register
+    the Pillow plugin fails on reading, not writing."""
+    if fmt == "HEIF":
+        pillow_heif.from_pillow(img).save(path, quality=90)
+    else:
+        img.save(path, format=fmt, quality=90)
+    return path
 
 
 def _mean(img: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -48,7 +58,7 @@ def test_heif_and_avif_decode_to_rgb_of_the_right_size_and_colour(tmp_path, fmt,
     """Broken on purpose once: without ``register_heif_opener`` in formats.register_plugins,
     the HEIC case fails ("HEIC/HEIF needs pillow-heif"); AVIF is Pillow's own."""
     path = tmp_path / f"photo.{ext}"
-    _halves().save(path, format=fmt, quality=90)
+    _write(_halves(), path, fmt)
     img = load_image(path)
     assert img.mode == "RGB" and img.size == (96, 64)
     # Lossy 4:2:0 coding smears colour across the edge: measure away from it.
@@ -68,9 +78,10 @@ def test_walk_finds_heif_avif_and_raw_in_any_case(tmp_path):
 def test_a_spawned_process_reads_heic_too(tmp_path):
     """Decode-pool workers may be spawned: importing ``data`` alone must register the plugin.
 
-    Broken on purpose once: with ``register_heif_opener`` skipped, the child fails."""
+    Broken on purpose once: with formats.register_plugins called neither at import nor by
+    formats.missing, the child fails ("HEIC/HEIF needs pillow-heif")."""
     path = tmp_path / "photo.heic"
-    _halves().save(path, format="HEIF")
+    _write(_halves(), path, "HEIF")
     code = (
         "import sys; from mocoretrieval.data import load_image; print(load_image(sys.argv[1]).size)"
     )
@@ -87,7 +98,7 @@ def test_a_spawned_process_reads_heic_too(tmp_path):
 
 def test_a_missing_plugin_is_a_reason_that_says_what_to_install(tmp_path, monkeypatch):
     path = tmp_path / "photo.heic"
-    _halves().save(path, format="HEIF")
+    _write(_halves(), path, "HEIF")
     monkeypatch.setattr(formats, "missing", lambda: {"HEIF": "HEIC/HEIF needs pillow-heif: pip"})
     with pytest.raises(ImageError, match="needs pillow-heif") as info:
         load_image(path)
@@ -153,10 +164,9 @@ def _broken_raw_files(folder: Path) -> dict[str, str]:
     (folder / "truncated.dng").write_bytes(good[: len(good) // 2])  # mid sensor data
     (folder / "empty.nef").write_bytes(b"")
     (folder / "text.cr2").write_text("II*\0 but nothing after the header")
-    buf = io.BytesIO()
-    _halves().save(buf, format="HEIF")
+    heic = _write(_halves(), folder / "good.heic", "HEIF").read_bytes()
     (folder / "garbage.heic").write_bytes(b"ftypheic" * 40)
-    (folder / "truncated.heic").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "truncated.heic").write_bytes(heic[: len(heic) // 2])
     return {
         "garbage.dng": "not an image",
         "truncated.dng": "truncated",
