@@ -163,8 +163,9 @@ def _raw_reason(e: Exception) -> str:
     return f"corrupt: {text[:80] or type(e).__name__}"
 
 
-def _preview(raw, need: int) -> Image.Image | None:
-    """The embedded preview, upright, when its short side is at least ``need``; else None."""
+def _preview(raw, need: int, draft: bool) -> Image.Image | None:
+    """The embedded preview, upright, when its short side is at least ``need``; else None.
+    With ``draft``, a JPEG preview is decoded scaled down, its short side kept >= ``need``."""
     import rawpy
 
     try:
@@ -178,7 +179,8 @@ def _preview(raw, need: int) -> Image.Image | None:
         img = Image.open(io.BytesIO(thumb.data))
         if min(img.size) < need:
             return None
-        img.draft("RGB", (need, need))
+        if draft:
+            img.draft("RGB", (need, need))  # as data.load_image does for JPEG files
         img.load()
         # LibRaw writes the RAW's orientation into the preview's EXIF when the camera did not.
         ImageOps.exif_transpose(img, in_place=True)
@@ -201,7 +203,8 @@ def load_raw(file: IO[bytes], min_side: int | None = None) -> Image.Image:
 
     Args:
         file: the RAW file, open for reading; read whole into memory (LibRaw's buffer input).
-        min_side: the smallest short side the caller needs.
+        min_side: the smallest short side the caller needs; None takes a preview of
+            :data:`RAW_PREVIEW_MIN_SIDE` or more at its full size.
 
     Raises:
         ImageError: rawpy is not installed, or LibRaw cannot read the file; ``reason`` says why.
@@ -216,7 +219,7 @@ def load_raw(file: IO[bytes], min_side: int | None = None) -> Image.Image:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and pixels > limit:
                 raise ImageError(f"decompression bomb ({pixels} pixels)")
-            img = _preview(raw, min_side or RAW_PREVIEW_MIN_SIDE)
+            img = _preview(raw, min_side or RAW_PREVIEW_MIN_SIDE, draft=bool(min_side))
             if img is not None:
                 return img
             rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)  # (H, W, 3)

@@ -139,6 +139,14 @@ def test_dng_preview_is_used_when_large_enough(tmp_path, orientation, corner):
     assert np.abs(bright - PREVIEW_GREEN).max() < 6
 
 
+def test_dng_preview_at_full_size_when_no_size_is_asked(tmp_path):
+    """Broken on purpose once: drafting the preview down to RAW_PREVIEW_MIN_SIDE always gives
+    800 x 600 here."""
+    path = _dng(tmp_path / "a.dng", preview_side=1200)
+    assert load_image(path).size == (1600, 1200)
+    assert load_image(path, min_side=500).size == (800, 600)  # JPEG draft mode: 1/2 scale
+
+
 @pytest.mark.parametrize(("orientation", "corner"), [(1, "top-left"), (6, "top-right")])
 @pytest.mark.parametrize("min_side", [None, 121])
 def test_dng_too_small_a_preview_is_demosaiced_at_half_size(
