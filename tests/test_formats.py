@@ -255,3 +255,22 @@ def test_the_walk_lists_one_file_per_raw_and_jpeg_pair(tmp_path):
     assert list(scan.files) == ["IMG_1.jpg", "IMG_2.CR2", "sub/IMG_1.CR2"]
     assert scan.paired == {"IMG_1.CR2": "IMG_1.jpg"}
     assert walk_images(tmp_path) == list(scan.files)
+
+
+def test_an_index_holds_heic_avif_and_raw_and_one_photo_per_pair(tmp_path, tiny_encoder):
+    """End to end, in-process (workers=0): every new format embedded, a RAW+JPEG pair once, a
+    broken DNG skipped with its reason."""
+    from mocoretrieval import ImageIndex
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    _write(_halves(), root / "a.heic", "HEIF")
+    _write(_halves().transpose(Image.Transpose.FLIP_LEFT_RIGHT), root / "b.avif", "AVIF")
+    _dng(root / "c.dng")
+    _dng(root / "IMG_1.CR2")  # a DNG named like a Canon RAW: LibRaw reads by content
+    _halves(64, 96).save(root / "IMG_1.jpg")
+    (root / "d.dng").write_bytes(b"not a raw file" * 10)
+    with ImageIndex.build(root, model=tiny_encoder, workers=0) as index:
+        assert index.paths() == ["IMG_1.jpg", "a.heic", "b.avif", "c.dng"]
+        assert index.info()["skipped"] == {"d.dng": "not an image LibRaw can read"}
+        assert index.search(root / "c.dng", k=1)[0].relpath == "c.dng"
