@@ -176,12 +176,16 @@ def _preview(raw, need: int, draft: bool) -> Image.Image | None:
         logger.debug("unusable RAW preview: %s", e)
         return None
     if thumb.format == rawpy.ThumbFormat.JPEG:
-        img = Image.open(io.BytesIO(thumb.data))
-        if min(img.size) < need:
+        try:
+            img = Image.open(io.BytesIO(thumb.data))
+            if min(img.size) < need:
+                return None
+            if draft:
+                img.draft("RGB", (need, need))  # as data.load_image does for JPEG files
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors on malformed data
+            logger.debug("unusable RAW preview: %s", e)
             return None
-        if draft:
-            img.draft("RGB", (need, need))  # as data.load_image does for JPEG files
-        img.load()
         # LibRaw writes the RAW's orientation into the preview's EXIF when the camera did not.
         ImageOps.exif_transpose(img, in_place=True)
         return img

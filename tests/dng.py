@@ -66,6 +66,7 @@ def write_dng(
     rgb: np.ndarray,
     preview: Image.Image | None = None,
     orientation: int = 1,
+    jpeg: bytes | None = None,
 ) -> Path:
     """Writes ``rgb`` (H, W, 3 floats in [0, 1], even H and W) as a DNG; returns ``path``.
 
@@ -74,6 +75,8 @@ def write_dng(
         rgb: the scene; the file holds its Bayer mosaic (see :func:`bayer`).
         preview: the embedded JPEG preview; None makes a 160 px one from ``rgb``.
         orientation: the TIFF/EXIF Orientation tag (1 upright, 6 rotate 90 degrees clockwise).
+        jpeg: the preview's bytes as stored, instead of ``preview`` encoded (e.g. a broken one);
+            ``preview`` still gives its size.
     """
     h, w, _ = rgb.shape
     if preview is None:
@@ -81,7 +84,7 @@ def write_dng(
         preview.thumbnail((160, 160))
     buf = io.BytesIO()
     preview.convert("RGB").save(buf, "JPEG", quality=90)
-    jpeg, raw = buf.getvalue(), bayer(rgb).tobytes()
+    jpeg, raw = jpeg or buf.getvalue(), bayer(rgb).tobytes()
     pw, ph = preview.size
 
     def ifd0(sub_at: int, jpeg_at: int) -> dict[int, tuple[int, object]]:

@@ -3,6 +3,7 @@ reason, and a RAW + JPEG pair counted once. Every file is written by the test (s
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,18 @@ def test_dng_too_small_a_preview_is_demosaiced_at_half_size(
     r, g, b = _mean(img, (0, img.height * 3 // 4, img.width, img.height))
     # The orange scene, as LibRaw renders it (sRGB gamma, auto-brightened): not the preview.
     assert r > 200 and r > g + 40 > b + 80, (r, g, b)
+
+
+def test_a_broken_preview_falls_back_to_the_sensor_data(tmp_path):
+    """Broken on purpose once: without the fallback, the preview's error skips the file."""
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    preview = Image.fromarray(noise)
+    buf = io.BytesIO()
+    preview.save(buf, "JPEG")
+    half = buf.getvalue()[: len(buf.getvalue()) // 2]  # LibRaw hands it over; Pillow refuses it
+    path = write_dng(tmp_path / "a.dng", _scene(), preview, jpeg=half)
+    img = load_image(path, min_side=64)
+    assert img.size == (128, 96)  # half of 256 x 192: demosaiced
 
 
 def _broken_raw_files(folder: Path) -> dict[str, str]:
