@@ -287,3 +287,22 @@ def test_an_index_holds_heic_avif_and_raw_and_one_photo_per_pair(tmp_path, tiny_
         assert index.paths() == ["IMG_1.jpg", "a.heic", "b.avif", "c.dng"]
         assert index.info()["skipped"] == {"d.dng": "not an image LibRaw can read"}
         assert index.search(root / "c.dng", k=1)[0].relpath == "c.dng"
+
+
+def test_decode_pool_workers_read_every_format(tmp_path):
+    """The index's decoding path with a worker process (the pool's default start method)."""
+    import torch
+
+    from mocoretrieval.decode_pool import ImageFileDataset, decode_batches
+
+    _write(_halves(), tmp_path / "a.heic", "HEIF")
+    _write(_halves(), tmp_path / "b.avif", "AVIF")
+    _dng(tmp_path / "c.dng")
+    (tmp_path / "d.dng").write_bytes(b"not a raw file" * 10)
+    rel = walk_images(tmp_path)
+    dataset = ImageFileDataset(tmp_path, rel, lambda img: torch.zeros(3, 4, 4), min_side=32)
+    ((batch,),) = list(decode_batches(dataset, [list(range(4))], [1], workers=1))  # pool closed
+    assert [rel[i] for i in batch.indices] == ["a.heic", "b.avif", "c.dng"]
+    assert [(rel[i], reason) for i, reason in batch.failed] == [
+        ("d.dng", "not an image LibRaw can read")
+    ]
