@@ -16,13 +16,13 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import formats
 from .errors import ImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-)
+# What is read, and by which decoder, is :mod:`.formats`' table (HEIF, AVIF, camera RAW too).
+IMAGE_EXTENSIONS: frozenset[str] = formats.EXTENSIONS
 # Colour modes holding an alpha channel; they are composited on white, the usual page colour,
 # rather than dropping alpha (which would reveal whatever the transparent pixels hold).
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -79,11 +79,15 @@ class Scan(NamedTuple):
             undecodable bytes escaped).
         unreadable: folders that could not be listed, and why: what they held is unknown, not
             deleted (``"."`` when the root itself could not be listed).
+        paired: RAW files left out of ``files`` because a JPEG or HEIF of the same name beside
+            them stands for the same photo -> that file (see
+            :func:`.formats.collapse_raw_pairs`).
     """
 
     files: dict[str, os.stat_result]
     problems: dict[str, str]
     unreadable: dict[str, str]
+    paired: dict[str, str]
 
 
 def _problem(full: str) -> tuple[os.stat_result | None, str | None]:
@@ -111,7 +115,8 @@ def scan_images(
     Hidden files and folders (name starting with ``.``) and the folders in ``exclude`` (e.g. the
     index's own folder) are not entered. Symlinked files are listed; symlinked folders are only
     entered with ``follow_symlinks``, and then never twice (no loops, no duplicates). Only
-    regular files are listed: a FIFO named ``x.jpg`` would block whoever opens it.
+    regular files are listed: a FIFO named ``x.jpg`` would block whoever opens it. A RAW file
+    with a JPEG or HEIF of the same name beside it is one photo: only the latter is listed.
 
     Raises:
         ImageError: ``root`` is not a folder.
@@ -163,7 +168,8 @@ def scan_images(
                 problems[path] = reason
             else:
                 files[path] = st
-    return Scan(dict(sorted(files.items())), dict(sorted(problems.items())), unreadable)
+    kept, paired = formats.collapse_raw_pairs(sorted(files))
+    return Scan({p: files[p] for p in kept}, dict(sorted(problems.items())), unreadable, paired)
 
 
 def empty_folders(
@@ -286,6 +292,14 @@ def failure_reason(e: BaseException) -> str:
     return f"corrupt: {text[:80]}"
 
 
+def _reduced(img: Image.Image, min_side: int | None) -> Image.Image:
+    if min_side and min(img.size) >= 2 * min_side:
+        # What draft mode cannot do (other formats, JPEGs past 1/8): an integer box
+        # reduction, cheap, keeping the short side >= min_side for the resize that follows.
+        img = img.reduce(min(img.size) // min_side)
+    return img
+
+
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decodes an image file into RGB, fast and defensively.
 
@@ -297,7 +311,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     EXIF orientation is applied; GIFs and other animations give their first frame; every mode
     becomes RGB (see :func:`to_rgb`). Pillow's decompression-bomb limit
     (``PIL.Image.MAX_IMAGE_PIXELS``) is enforced as an error, at its warning threshold rather
-    than at twice it, so that a suspicious file is skipped instead of decoded.
+    than at twice it, so that a suspicious file is skipped instead of decoded. Camera RAW files
+    are rendered by :func:`.formats.load_raw` (embedded preview, else half-size demosaic).
 
     Args:
         path: the image file.
@@ -321,6 +336,9 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
             os.set_blocking(fd, True)
             if st.st_size == 0:
                 raise ImageError("empty file", path)
+            formats.check_readable(path)  # e.g. HEIC without pillow-heif: says what to install
+            if formats.is_raw_name(path):  # camera RAW: LibRaw renders it, not Pillow
+                return _reduced(to_rgb(formats.load_raw(f, min_side)), min_side)
             # Pillow warns about odd but usable files (corrupt EXIF, palette transparency, the
             # bomb threshold): per-file noise in a bulk run, so it goes to the debug log.
             with warnings.catch_warnings(record=True) as caught:
@@ -343,11 +361,7 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
                 img = to_rgb(img)
             for w in caught:
                 logger.debug("%s: %s", path, w.message)
-        if min_side and min(img.size) >= 2 * min_side:
-            # What draft mode cannot do (other formats, JPEGs past 1/8): an integer box
-            # reduction, cheap, keeping the short side >= min_side for the resize that follows.
-            img = img.reduce(min(img.size) // min_side)
-        return img
+        return _reduced(img, min_side)
     except ImageError as e:
         if e.path is None:
             raise ImageError(e.reason, path) from e
