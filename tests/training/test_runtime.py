@@ -159,9 +159,9 @@ def test_named_preset_and_cli_defaults():
     cfg = named_preset("fmnist-cpu")
     assert cfg.version == "v2" and cfg.arch == "resnet18" and not cfg.small_stem
     assert cfg.queue_size < 60000  # a queue larger than the data set repeats its images
-    args = build_parser().parse_args(["--out-dir", "x", "--preset", "fmnist-cpu", "--T", "0.2"])
+    args = build_parser().parse_args(["--out-dir", "x", "--preset", "fmnist-cpu", "--T", "0.3"])
     cfg, explicit = config_from_args(args, fashion_mnist=True)
-    assert cfg.T == 0.2 and cfg.queue_size == 4096 and explicit == ["T"]
+    assert cfg.T == 0.3 and cfg.queue_size == 4096 and explicit == ["T"]
     with pytest.raises(ConfigError, match="unknown preset"):
         named_preset("nope")
     for version in ("v1", "v3"):  # each version keeps its method, on the preset's budget
