@@ -179,14 +179,16 @@ def test_move_then_undo_restores_every_file_byte_for_byte(library, tmp_path, cap
 
 
 def test_trash_then_undo(library, trash_home):
-    """Broken on purpose: `locate_trashed` comparing the .trashinfo Path without unquoting it
-    finds nothing (the tmp path has no character to quote, so the check made was `apply` not
-    recording where the file went and `undo` not looking again): undo then reports the files
-    missing and this fails."""
-    root, _ = library
+    """Broken on purpose: `apply` not recording where the trash put a file fails the journal
+    check; `locate_trashed` finding nothing (also when `undo` looks again) makes undo report
+    the files missing: both fail here."""
+    root, index = library
     before = tree(root)
     assert _cli(root, "--keep", "a/*", "--trash") == 0
     assert len(list((trash_home / "info").iterdir())) == 3
+    (journal,) = dedupe.journals(index.path)
+    done = [r for r in dedupe.Journal(journal).records() if r["op"] == "done"]
+    assert sorted(Path(r["dst"]).parent for r in done) == [trash_home / "files"] * 3
     assert main(["undo", "--index", str(root)]) == 0
     assert {k: v[0] for k, v in tree(root).items()} == {k: v[0] for k, v in before.items()}
     assert list((trash_home / "info").iterdir()) == []  # the .trashinfo files went too
