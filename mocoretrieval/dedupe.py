@@ -15,33 +15,27 @@ and ``undone``. A crash between ``move`` and ``done`` is resolved by looking at 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from .duplicates import file_hash
 from .errors import IndexBusyError, MoCoRetrievalError
 from .layout import now
 from .pathsafety import display
+from .safemove import TRASH_HELP, fsync_dir, locate_trashed, move_file, send_to_trash
 
 log = logging.getLogger(__name__)
 
 KEEP_RULES = ("largest", "oldest", "newest")  # or a glob pattern (see `keeper`)
 JOURNALS = "journals"  # folder of the index directory
-TRASH_HELP = (
-    "look in your desktop's trash (Linux: ~/.local/share/Trash/files, or .Trash-UID at the "
-    "top of the drive; macOS: ~/.Trash; Windows: the Recycle Bin) and restore it from there"
-)
 
 
 # --- which copy to keep ---------------------------------------------------------------------
@@ -161,106 +155,6 @@ def suggest(
     return out
 
 
-# --- moving files, never over another --------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def move_file(src: Path, dst: Path) -> None:
-    """Moves ``src`` to ``dst`` without ever replacing a file at ``dst``.
-
-    On one filesystem a hard link then an unlink (``link`` fails if ``dst`` exists, where
-    ``rename`` would replace it); across filesystems a copy into a file created exclusively,
-    synced, then the unlink. A crash leaves ``src`` in place, maybe with a copy at ``dst``.
-
-    Raises:
-        FileExistsError: something is at ``dst``.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            shutil.copystat(src, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(dst)
-            raise
-    _fsync_dir(dst.parent)
-    os.unlink(src)
-    _fsync_dir(src.parent)
-
-
-def send_to_trash(path: Path) -> None:
-    """The desktop's trash, through ``send2trash``."""
-    from send2trash import send2trash
-
-    send2trash(str(path))
-
-
-def _trash_dirs(path: Path) -> list[tuple[Path, Path]]:
-    """Freedesktop trash folders that may hold ``path`` once trashed: ``(trash, topdir)``,
-    where a ``.trashinfo`` Path is relative to ``topdir`` when the file was under it."""
-    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    found = [(data / "Trash", data)]
-    mount = path.parent
-    with contextlib.suppress(OSError):
-        dev = os.stat(mount).st_dev
-        while mount.parent != mount and os.stat(mount.parent).st_dev == dev:
-            mount = mount.parent
-    uid = str(os.getuid()) if hasattr(os, "getuid") else ""
-    found += [(mount / ".Trash" / uid, mount), (mount / f".Trash-{uid}", mount)]
-    return found
-
-
-def locate_trashed(path: Path) -> tuple[Path, Path] | None:
-    """Where a freedesktop trash put ``path`` (absolute): ``(file, its .trashinfo)``, the
-    latest if it was trashed more than once; None when not found (another desktop's trash)."""
-    best: tuple[float, Path, Path] | None = None
-    stem = path.stem
-    for trash, topdir in _trash_dirs(path):
-        info_dir = trash / "info"
-        try:
-            entries = [e for e in os.scandir(info_dir) if e.name.startswith(stem)]
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.name.endswith(".trashinfo"):
-                continue
-            try:
-                text = Path(entry.path).read_text(encoding="utf-8", errors="surrogateescape")
-            except OSError:
-                continue
-            line = next((x for x in text.splitlines() if x.startswith("Path=")), None)
-            if line is None:
-                continue
-            original = Path(unquote(line[5:]))
-            if not original.is_absolute():
-                original = topdir / original
-            file = trash / "files" / entry.name[: -len(".trashinfo")]
-            if os.path.abspath(original) == str(path) and os.path.lexists(file):
-                when = entry.stat().st_mtime
-                if best is None or when > best[0]:
-                    best = (when, file, Path(entry.path))
-    return None if best is None else (best[1], best[2])
-
-
 # --- the journal ------------------------------------------------------------------------------
 
 
@@ -277,7 +171,7 @@ class Journal:
         # Names sort in time order: `undo` takes the last.
         path = folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.jsonl"
         path.touch(exist_ok=False)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return cls(path)
 
     def write(self, **record: Any) -> None:
@@ -350,8 +244,8 @@ def apply(
     move_to: str | os.PathLike | None = None,
     trash: bool = False,
     dry_run: bool = False,
-    mover: Callable[[Path, Path], None] = move_file,
-    trasher: Callable[[Path], None] = send_to_trash,
+    mover: Callable[[Path, Path], None] | None = None,
+    trasher: Callable[[Path], None] | None = None,
 ) -> ApplyReport:
     """Moves every file proposed for removal into ``move_to``, or to the trash, journaled.
 
@@ -365,11 +259,15 @@ def apply(
         move_to: a folder outside the indexed root to move the files into.
         trash: send them to the trash instead.
         dry_run: only plan: nothing is touched, no journal is written.
+        mover: moves one file (default :func:`~mocoretrieval.safemove.move_file`); a test
+            passes one that crashes.
+        trasher: trashes one file (default :func:`~mocoretrieval.safemove.send_to_trash`).
 
     Raises:
         MoCoRetrievalError: neither or both of ``move_to`` and ``trash``, or ``move_to`` inside
             the indexed root.
     """
+    mover, trasher = mover or move_file, trasher or send_to_trash
     root = Path(index.root)
     if (move_to is None) == (not trash):
         raise MoCoRetrievalError("choose one of --move-to DIR and --trash")
@@ -452,7 +350,7 @@ def _same_bytes(path: Path, digest: str) -> bool:
 
 
 def undo(
-    index_dir: str | os.PathLike, *, mover: Callable[[Path, Path], None] = move_file
+    index_dir: str | os.PathLike, *, mover: Callable[[Path, Path], None] | None = None
 ) -> UndoReport:
     """Puts back every file of the latest journal not undone yet, last moved first.
 
@@ -463,6 +361,7 @@ def undo(
     Raises:
         MoCoRetrievalError: no journal to undo.
     """
+    mover = mover or move_file
     pending = [j for j in journals(Path(index_dir)) if not _undone(Journal(j).records())]
     if not pending:
         raise MoCoRetrievalError(f"nothing to undo: no clean-up journal in {index_dir}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def library(tmp_path, encoder_dir):
 @pytest.fixture
 def trash_home(tmp_path, monkeypatch):
     """A freedesktop trash in a temporary folder: the real trash is never touched."""
+    import send2trash
     from send2trash import plat_other
 
     data = tmp_path / "xdg"
@@ -75,7 +77,8 @@ def trash_home(tmp_path, monkeypatch):
     monkeypatch.setattr(plat_other, "XDG_DATA_HOME", os.fsencode(data))
     monkeypatch.setattr(plat_other, "HOMETRASH_B", os.fsencode(data / "Trash"))
     monkeypatch.setattr(plat_other, "HOMETRASH", str(data / "Trash"))
-    monkeypatch.setattr(dedupe, "send_to_trash", lambda p: plat_other.send2trash(str(p)))
+    # send2trash prefers gio where installed, which would use the real trash: never here.
+    monkeypatch.setattr(send2trash, "send2trash", plat_other.send2trash)
     return data / "Trash"
 
 
@@ -290,3 +293,20 @@ def test_move_to_inside_the_root_is_refused(library, capsys):
     root, _ = library
     assert _cli(root, "--move-to", str(root / "dups")) == 1
     assert "inside the indexed folder" in capsys.readouterr().err
+
+
+def test_an_index_made_before_decisions_opens_and_learns_them(library):
+    """An index whose database predates the `not_duplicates` table: read-only it groups as
+    before, and the first decision adds the table (no schema version bump). Broken on purpose:
+    `Store.not_duplicate_ids` without its OperationalError guard fails the read-only run."""
+    root, index = library
+    index.close()
+    db = sqlite3.connect(root / INDEX_DIR / "index.db")
+    db.execute("DROP TABLE not_duplicates")
+    db.commit()
+    db.close()
+    old = ImageIndex.open(root)
+    assert len(old.duplicates(NEAR)) == 3
+    old.mark_not_duplicates(["a/img_0001.png", "b/copy_1.png"])
+    assert len(old.duplicates(NEAR)) == 2
+    old.close()
