@@ -399,8 +399,7 @@ def undo(
             if _same_bytes(src, digest):
                 report.restored.append(str(src))
                 journal.write(op="restored", n=n)
-                note = "already back in place"
-                log.info("%s: %s; the copy at %s is left", display(str(src)), note, held)
+                log.info("%s is already in place; the copy at %s is left", display(str(src)), held)
                 continue
             report.problems[str(src)] = (
                 f"another file is now at this path: not overwritten; the original is at {held}"
