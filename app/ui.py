@@ -69,17 +69,42 @@ def build_app(
     def on_duplicates(threshold: float) -> tuple:
         found = views.find_duplicates(index, threshold)
         choice = found.labels[0] if found.labels else None
-        items = views.group_items(index, found.groups, choice, found.labels)
         return (
             found.message,
             gr.update(choices=found.labels, value=choice),
-            items,
+            *on_group(choice, found.groups, found.labels, found.keepers),
             found.groups,
             found.labels,
+            found.keepers,
         )
 
-    def on_group(label: str | None, groups: list[list[str]], labels: list[str]) -> list:
-        return views.group_items(index, groups, label, labels)
+    def on_group(
+        label: str | None, groups: list[list[str]], labels: list[str], keepers: list[str]
+    ) -> tuple:
+        members = views.picked_group(groups, labels, label)
+        keeper = keepers[labels.index(label)] if members else None
+        return (
+            views.group_items(index, groups, label, labels),
+            gr.update(choices=members, value=keeper),
+            *confirming(False),
+        )
+
+    def confirming(shown: bool) -> tuple:
+        return gr.update(visible=shown), gr.update(visible=shown)
+
+    def on_trash(label: str | None, groups: list, labels: list, keep: str | None) -> tuple:
+        members = views.picked_group(groups, labels, label)
+        if not members or keep not in members:
+            return "**Pick a group and the copy to keep first.**", *confirming(False)
+        ask = f"Trash {len(members) - 1} file(s) and keep `{keep}`? Confirm below."
+        return ask, *confirming(True)
+
+    def on_confirm(label: str | None, groups: list, labels: list, keep: str | None) -> tuple:
+        members = views.picked_group(groups, labels, label)
+        return views.trash_others(index, members, keep), *confirming(False)
+
+    def on_not_duplicates(label: str | None, groups: list, labels: list) -> str:
+        return views.mark_not_duplicates(index, views.picked_group(groups, labels, label))
 
     examples = views.example_items(index, N_EXAMPLES)
 
@@ -128,7 +153,9 @@ def build_app(
                 )
                 find = gr.Button("Find near-duplicates")
             dup_message = gr.Markdown(elem_id="dup-message")
-            group = gr.Dropdown(label="Group", choices=[], interactive=True)
+            group = gr.Dropdown(
+                label="Group (tier, suggested copy to keep)", choices=[], interactive=True
+            )
             group_gallery = gr.Gallery(
                 label="Images in the group",
                 columns=5,
@@ -136,7 +163,17 @@ def build_app(
                 allow_preview=True,
                 elem_id="group",
             )
-            groups, labels = gr.State([]), gr.State([])
+            with gr.Row():
+                keep = gr.Dropdown(
+                    label="Keep this copy", choices=[], interactive=True, elem_id="keep"
+                )
+                trash = gr.Button("Trash the others…", elem_id="trash")
+                not_dups = gr.Button("Not duplicates", elem_id="not-duplicates")
+            with gr.Row():
+                confirm = gr.Button("Confirm: trash", variant="stop", visible=False)
+                cancel = gr.Button("Cancel", visible=False)
+            action_message = gr.Markdown(elem_id="action-message")
+            groups, labels, keepers = gr.State([]), gr.State([]), gr.State([])
         with gr.Tab("Index"):
             summary = gr.Markdown(views.index_summary(index), elem_id="summary")
 
@@ -155,13 +192,20 @@ def build_app(
         gallery.select(on_pick, [paths, k], **pick)
         example_gallery.select(on_pick, [example_paths, k], **pick)
         k.release(on_k, [last_query, k], results, api_visibility="private")
-        find.click(
-            on_duplicates,
-            threshold,
-            [dup_message, group, group_gallery, groups, labels],
-            api_visibility="private",
+        private = {"api_visibility": "private"}
+        picked = [group_gallery, keep, confirm, cancel]
+        listing = [dup_message, group, *picked, groups, labels, keepers]
+        find.click(on_duplicates, threshold, listing, **private)
+        group.input(on_group, [group, groups, labels, keepers], picked, **private)
+        chosen = [group, groups, labels, keep]
+        trash.click(on_trash, chosen, [action_message, confirm, cancel], **private)
+        cancel.click(lambda: confirming(False), None, [confirm, cancel], **private)
+        confirm.click(on_confirm, chosen, [action_message, confirm, cancel], **private).then(
+            on_duplicates, threshold, listing, **private
         )
-        group.input(on_group, [group, groups, labels], group_gallery, api_visibility="private")
+        not_dups.click(on_not_duplicates, [group, groups, labels], action_message, **private).then(
+            on_duplicates, threshold, listing, **private
+        )
         # Re-read on each page load: `mocoretrieval index` may have updated the index meanwhile
         # (searches see such updates too: the index reloads its FAISS file when it changed).
         page.load(lambda: views.index_summary(index), None, summary, api_visibility="private")

@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from mocoretrieval import dedupe
 from mocoretrieval.data import load_image
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
 
@@ -265,47 +266,96 @@ def index_summary(index: Any) -> str:
 
 @dataclass
 class DuplicateView:
-    """Near-duplicate groups as the page lists them.
+    """Duplicate groups as the page lists them.
 
     Attributes:
         groups: relative paths of each group, largest group first.
-        labels: one dropdown label per group.
+        labels: one dropdown label per group (with its tier).
+        keepers: the copy suggested to keep in each group (relative path).
         message: markdown above the list.
     """
 
     groups: list[list[str]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     message: str = ""
+    keepers: list[str] = field(default_factory=list)
 
 
-def find_duplicates(index: Any, threshold: float) -> DuplicateView:
-    """Groups of near-duplicate images whose similarity is at least ``threshold``."""
+def find_duplicates(index: Any, threshold: float, keep: str = "largest") -> DuplicateView:
+    """Groups of duplicate images whose similarity is at least ``threshold``, each with its
+    tier and the copy ``keep`` suggests keeping (see :func:`mocoretrieval.dedupe.suggest`)."""
     try:
         if _count(index) == 0:
             return DuplicateView(message="**The index is empty.**")
         threshold = max(float(threshold), MIN_DUPLICATE_THRESHOLD)
-        found = index.duplicates(threshold)
+        found = sorted(index.duplicates(threshold), key=len, reverse=True)
+        proposals = dedupe.suggest(found, keep, root=_root(index))
     except MoCoRetrievalError as e:
         return DuplicateView(message=f"**Cannot look for duplicates:** {e}")
     except Exception:  # the page must never show a traceback; the server log keeps it
         logger.exception("duplicates failed")
         return DuplicateView(message="**Duplicate search failed unexpectedly**; see the log.")
-    groups = sorted(([r.relpath for r in g] for g in found), key=len, reverse=True)
+    groups = [[r.relpath for r in g] for g in found]
     if not groups:
         return DuplicateView(message=f"No near-duplicates at similarity ≥ {threshold:.2f}.")
-    labels = [f"{i + 1}. {g[0]} (+{len(g) - 1})" for i, g in enumerate(groups)]
+    keepers = [
+        next((r.relpath for r in g if r.path == p.keeper), g[0].relpath)
+        for g, p in zip(found, proposals)
+    ]
+    labels = [
+        f"{i + 1}. [{getattr(g, 'tier', 'near')}] {k} (+{len(g) - 1})"
+        for i, (g, k) in enumerate(zip(found, keepers))
+    ]
     n_images = sum(len(g) for g in groups)
     message = f"{len(groups)} group(s), {n_images} images, at similarity ≥ {threshold:.2f}."
-    return DuplicateView(groups, labels, message)
+    return DuplicateView(groups, labels, message, keepers)
+
+
+def picked_group(
+    view_groups: Sequence[Sequence[str]], labels: Sequence[str], label: str | None
+) -> list[str]:
+    """The relative paths of the group picked by its dropdown ``label`` (empty if none)."""
+    return list(view_groups[list(labels).index(label)]) if label in labels else []
+
+
+def trash_others(index: Any, group: Sequence[str], keep: str | None) -> str:
+    """Sends every file of ``group`` but ``keep`` to the trash, through the journaled
+    :func:`mocoretrieval.dedupe.apply` (``mocoretrieval undo`` restores them). Returns the
+    message for the page."""
+    if not group or keep not in group:
+        return "**Pick a group and the copy to keep first.**"
+    try:
+        root = _root(index)
+        for rel in group:  # the check only: a symlink is trashed itself, not its target
+            resolve_in_root(root, rel)
+        kept = str(root / keep)
+        others = [str(root / rel) for rel in group if rel != keep]
+        proposal = dedupe.Proposal("", "", [kept], others)
+        report = dedupe.apply(index, [proposal], trash=True)
+    except (MoCoRetrievalError, PathOutsideRootError) as e:
+        return f"**Nothing trashed:** {e}"
+    except Exception:
+        logger.exception("trash failed")
+        return "**Trashing failed unexpectedly**; see the log. `mocoretrieval undo` restores."
+    lines = [f"Trashed {len(report.moved)} file(s); kept `{keep}`. `mocoretrieval undo` restores."]
+    lines += [f"- left `{Path(p).name}`: {why}" for p, why in report.failed.items()]
+    return "\n".join(lines)
+
+
+def mark_not_duplicates(index: Any, group: Sequence[str]) -> str:
+    """Records the files of ``group`` as not duplicates of each other; the message."""
+    try:
+        pairs = index.mark_not_duplicates(list(group))
+    except MoCoRetrievalError as e:
+        return f"**Not recorded:** {e}"
+    return f"Recorded {len(pairs)} pair(s) as not duplicates: they will not be grouped again."
 
 
 def group_items(
     index: Any, view_groups: Sequence[Sequence[str]], label: str | None, labels: Sequence[str]
 ) -> list[GalleryItem]:
     """Thumbnails of the group picked by its dropdown ``label`` (empty if none is picked)."""
-    if label not in labels:
-        return []
-    group = list(view_groups[list(labels).index(label)])
+    group = picked_group(view_groups, labels, label)
     thumbs = safe_thumbnails(_root(index), group, index)
     return [(thumb, rel) for thumb, rel in zip(thumbs, group) if thumb is not None]
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from . import ann
-from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS
+from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, pairs_of
 from .embedder import DeferredModel, Embedder
 from .encoder_pin import EncoderPin, Model
 from .errors import ImageError, IndexChangedError, MoCoRetrievalError
@@ -35,7 +35,7 @@ from .layout import (
     write_json_atomic,
 )
 from .pathsafety import display, file_key, inside_root
-from .search import Query, Searching, SearchResult
+from .search import DuplicateGroup, Query, Searching, SearchResult
 from .store import Store
 from .update import UpdateReport, Updating
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_DUPLICATE_THRESHOLD",
     "DUPLICATE_NEIGHBOURS",
+    "DuplicateGroup",
     "ImageIndex",
     "Model",
     "Query",
@@ -289,6 +290,67 @@ class ImageIndex(EncoderPin, Searching, Updating):
         raise IndexChangedError(
             f"the index at {self.path} keeps being re-embedded; search again when it is done"
         )
+
+    # --- duplicate decisions ---------------------------------------------------------------
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` (absolute, or relative to the root) as the index stores it: relative to the
+        root, POSIX.
+
+        Raises:
+            MoCoRetrievalError: the path is not inside the indexed root.
+        """
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            p = Path(os.path.abspath(p))
+            if self.root not in p.parents:
+                raise MoCoRetrievalError(f"{p} is not inside the indexed folder {self.root}")
+            p = p.relative_to(self.root)
+        norm = inside_root(p.as_posix())
+        if norm is None:
+            raise MoCoRetrievalError(f"{path} is not inside the indexed folder {self.root}")
+        return Path(norm).as_posix()
+
+    def mark_not_duplicates(self, paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
+        """Records that ``paths`` are not duplicates of each other, pair by pair: later
+        :meth:`duplicates` never group any two of them (A-B apart still lets A and C group).
+
+        Args:
+            paths: two or more indexed images, absolute or relative to the root.
+
+        Returns:
+            The pairs recorded, relative paths.
+
+        Raises:
+            MoCoRetrievalError: fewer than two paths, or one that is not indexed.
+        """
+        rels = sorted({self.relative(p) for p in paths})
+        if len(rels) < 2:
+            raise MoCoRetrievalError("name at least two different images that are not duplicates")
+        for rel in rels:
+            record = self.store.file(rel)
+            if record is None or record.vector_id is None:
+                raise MoCoRetrievalError(f"{display(rel)} is not an indexed image of {self.root}")
+        pairs = pairs_of(rels)
+        with UpdateLock(self.path):  # a writer, like update: the lock before the first change
+            self._writable()
+            self.store.add_not_duplicates(pairs)
+        return pairs
+
+    def forget(self, paths: Sequence[str]) -> None:
+        """Drops files moved away from the folder (relative paths) from the index now, as the
+        next :meth:`update` would, and brings ``index.faiss`` in line.
+
+        Raises:
+            IndexBusyError: an update holds the lock; the next update drops them instead.
+        """
+        if not paths:
+            return
+        with UpdateLock(self.path):
+            self._sync()
+            self._writable()
+            self.store.remove(list(paths))
+            self.faiss.refresh(save=True)
 
     # --- what the index holds -------------------------------------------------------------
 

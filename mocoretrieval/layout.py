@@ -10,6 +10,8 @@ An index directory (by default ``ROOT/.mocoretrieval/``) holds:
 - ``index.faiss``: derived from the stored embeddings; rebuilt (never by the model) when it is
   missing, corrupt or older than the database. Replaced atomically.
 - ``lock``: held while an update runs.
+- ``journals/``: one JSON-lines journal per duplicate clean-up (:mod:`mocoretrieval.dedupe`),
+  read by ``mocoretrieval undo``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Searching an index: query vectors, k-nearest images, near-duplicate groups.
+"""Searching an index: query vectors, k-nearest images, duplicate groups and their tiers.
 
 `ImageIndex` takes these methods from :class:`Searching`; they only read the index.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,14 @@ import numpy as np
 from PIL import Image
 
 from .data import load_image
-from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, duplicate_groups
+from .duplicates import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DUPLICATE_NEIGHBOURS,
+    NEAR,
+    HashCache,
+    duplicate_groups,
+    group_tier,
+)
 from .embedder import Embedder
 from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
 from .pathsafety import inside_root
@@ -30,6 +38,29 @@ class SearchResult(NamedTuple):
     path: str
     score: float
     relpath: str
+
+
+class DuplicateGroup(list):
+    """One group of duplicates: a list of its members (:class:`SearchResult`, best score
+    first), so code written for plain lists keeps working, plus what the group is.
+
+    Attributes:
+        tier: ``"identical"`` (same bytes), ``"near"`` (every member at least the near-duplicate
+            threshold from another) or ``"similar"`` (only the lower ``similar`` threshold);
+            see :mod:`mocoretrieval.duplicates`.
+        id: 8 hex digits naming the group by its members: the same files give the same id on
+            the next run (``mocoretrieval duplicates --not-duplicates ID``).
+    """
+
+    def __init__(self, members: Sequence[SearchResult], tier: str = NEAR) -> None:
+        super().__init__(members)
+        self.tier = tier
+        joined = "\0".join(sorted(r.relpath for r in members)).encode("utf-8", "surrogateescape")
+        self.id = hashlib.blake2b(joined, digest_size=4).hexdigest()
+
+    @property
+    def relpaths(self) -> list[str]:
+        return [r.relpath for r in self]
 
 
 class Searching:
@@ -110,32 +141,45 @@ class Searching:
         self,
         threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
         *,
+        similar: float | None = None,
         batch: int = 1024,
         neighbours: int = DUPLICATE_NEIGHBOURS,
         progress: Callable[[int, int], None] | None = None,
-    ) -> list[list[SearchResult]]:
-        """Groups of near-duplicate images: similarity at least ``threshold`` to some member.
+    ) -> list[DuplicateGroup]:
+        """Groups of near-duplicate images: similarity at least ``threshold`` to some member
+        (or ``similar``, when lower), each with its tier.
 
         A k-NN search of ``neighbours`` per stored vector, ``batch`` vectors at a time, so the
         work is bounded by N x ``neighbours`` even when thousands of images are alike (see
         :func:`mocoretrieval.ann.neighbour_pairs`). Groups are the connected components of the
         "similar enough" pairs (union-find), largest first; each member's score is its best
         similarity to another member. ``progress(done, total)`` is called after each batch.
+
+        Files marked as not duplicates of each other (:meth:`mark_not_duplicates`) are never
+        in one group. A group's tier is ``identical`` when all its files have the same bytes
+        (hashed only for groups whose files all have one size), ``near`` when every member is
+        at least ``threshold`` from another, else ``similar``.
         """
         groups, best = duplicate_groups(
             self._faiss_index(),
             self.store,
-            threshold,
+            min(threshold, similar) if similar is not None else threshold,
             batch=batch,
             neighbours=neighbours,
             progress=progress,
+            apart=self.store.not_duplicate_ids(),
         )
         paths = self._stored_paths(best)
-        out = [
-            sorted(
+        hashes = HashCache()
+        out = []
+        for members in groups:
+            found = sorted(
                 (self._result(paths[i], best[i]) for i in members if i in paths),
                 key=lambda r: (-r.score, r.path),
             )
-            for members in groups
-        ]
-        return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0].path))
+            if len(found) > 1:
+                tier = group_tier(
+                    [r.path for r in found], [r.score for r in found], threshold, hashes
+                )
+                out.append(DuplicateGroup(found, tier))
+        return sorted(out, key=lambda g: (-len(g), g[0].path))

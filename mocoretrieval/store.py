@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import IndexFormatError
 from .store_db import (
+    NOT_DUPLICATES_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
     THUMBNAILS_SCHEMA,
@@ -84,7 +85,7 @@ class Store:
             self._check_schema()
             if not readonly:
                 with self._db:
-                    self._db.executescript(THUMBNAILS_SCHEMA)
+                    self._db.executescript(THUMBNAILS_SCHEMA + NOT_DUPLICATES_SCHEMA)
         except sqlite3.Error as e:
             raise database_error(self.path, e) from e
 
@@ -265,6 +266,27 @@ class Store:
             return {}
         return {r[0]: StoredThumbnail(FileStat(r[1], r[2]), r[3]) for r in rows}
 
+    def not_duplicates(self) -> list[tuple[str, str]]:
+        """The pairs of relative paths marked as not duplicates, each ``(a, b)`` with a < b."""
+        try:
+            with self._lock:
+                return self._db.execute("SELECT a, b FROM not_duplicates ORDER BY a, b").fetchall()
+        except sqlite3.OperationalError:  # no such table: opened read-only, made before it
+            return []
+
+    def not_duplicate_ids(self) -> list[tuple[int, int]]:
+        """:meth:`not_duplicates` as pairs of the files' current vector ids (pairs of a file
+        not embedded now are left out)."""
+        try:
+            with self._lock:
+                return self._db.execute(
+                    "SELECT fa.vector_id, fb.vector_id FROM not_duplicates n "
+                    "JOIN files fa ON fa.path = n.a JOIN files fb ON fb.path = n.b "
+                    "WHERE fa.vector_id IS NOT NULL AND fb.vector_id IS NOT NULL"
+                ).fetchall()
+        except sqlite3.OperationalError:
+            return []
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -275,6 +297,12 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         with self._writing():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def add_not_duplicates(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Records pairs of relative paths as not duplicates (in either order; kept once)."""
+        rows = [(min(a, b), max(a, b), time.time()) for a, b in pairs if a != b]
+        with self._writing():
+            self._db.executemany("INSERT OR IGNORE INTO not_duplicates VALUES (?, ?, ?)", rows)
 
     def add_batch(
         self,

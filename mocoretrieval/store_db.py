@@ -42,6 +42,16 @@ CREATE TABLE IF NOT EXISTS thumbnails (
     jpeg BLOB NOT NULL                  -- a small JPEG made when the file was embedded
 );
 """
+# Added the same way (version 1, created on a writable open): pairs of files the user said are
+# not duplicates of each other, by relative path (a < b), so that `duplicates` keeps them apart.
+NOT_DUPLICATES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS not_duplicates (
+    a TEXT NOT NULL,                    -- POSIX path relative to the root, a < b
+    b TEXT NOT NULL,
+    decided_at REAL NOT NULL,
+    PRIMARY KEY (a, b)
+);
+"""
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:

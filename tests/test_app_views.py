@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from app_helpers import build_photo_index, make_images, make_tiny_encoder, shown_paths
 from PIL import Image
+from test_dedupe import trash_home  # noqa: F401 - a fixture: a trash in a temporary folder
 
 from app import thumbnails, views
 from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
@@ -308,3 +309,45 @@ def test_the_index_stores_thumbnails_of_the_size_the_page_shows(tmp_path):
         stored = index.thumbnail("wide.jpg")
     decoded = views.thumbnail(root / "wide.jpg")  # the page's own, for files without one
     assert stored.size == decoded.size == (DEFAULT_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE // 2)
+
+
+def test_duplicate_groups_show_their_tier_and_keeper(photo_index):
+    """Broken on purpose: labels without the tier, and keepers taken as the last member instead
+    of the suggested one (a copy in sub/ kept by `largest` is a tie, won by the first): both
+    fail here."""
+    found = views.find_duplicates(photo_index, 0.99999)
+    i = next(i for i, g in enumerate(found.groups) if "sub/copy_of_4.jpg" in g)
+    assert "[identical]" in found.labels[i]
+    assert found.keepers[i] == found.groups[i][0] and found.keepers[i] in found.labels[i]
+
+
+def test_trash_from_the_page_is_journaled_and_undone(tmp_path, trash_home):  # noqa: F811
+    """Broken on purpose: `trash_others` sending the kept copy too (the keeper is gone and
+    this fails), or calling send2trash directly instead of `dedupe.apply` (no journal: undo
+    raises "nothing to undo")."""
+    from mocoretrieval import dedupe
+
+    index = build_photo_index(tmp_path / "own")
+    root = index.root
+    original = (root / "img_0004.jpg").read_bytes()
+    found = views.find_duplicates(index, 0.99999)
+    group = next(g for g in found.groups if "sub/copy_of_4.jpg" in g)
+    assert "Pick a group" in views.trash_others(index, group, "not/in/group.jpg")
+    message = views.trash_others(index, group, "img_0004.jpg")
+    assert message.startswith("Trashed 1 file(s)") and "mocoretrieval undo" in message
+    assert not (root / "sub" / "copy_of_4.jpg").exists()
+    assert (root / "img_0004.jpg").read_bytes() == original
+    assert [p.name for p in (trash_home / "files").iterdir()] == ["copy_of_4.jpg"]
+    assert "sub/copy_of_4.jpg" not in index.paths()
+    assert not dedupe.undo(index.path).problems
+    assert (root / "sub" / "copy_of_4.jpg").read_bytes() == original
+    index.close()
+
+
+def test_not_duplicates_from_the_page(tmp_path):
+    index = build_photo_index(tmp_path / "own")
+    found = views.find_duplicates(index, 0.99999)
+    group = next(g for g in found.groups if "sub/copy_of_4.jpg" in g)
+    assert "Recorded 1 pair(s)" in views.mark_not_duplicates(index, group)
+    assert not any("sub/copy_of_4.jpg" in g for g in views.find_duplicates(index, 0.99999).groups)
+    index.close()

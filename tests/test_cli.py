@@ -92,13 +92,15 @@ def test_duplicates_json_and_table(indexed, capsys):
     capsys.readouterr()
     assert main(["duplicates", "--threshold", "0.99999", "--index", str(root), "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)
-    assert [sorted(Path(hit["path"]).name for hit in g) for g in groups] == [
+    assert [sorted(Path(hit["path"]).name for hit in g["files"]) for g in groups] == [
         ["copy.png", "img_0001.png"]
     ]
-    assert all(set(hit) == {"path", "score"} for hit in groups[0])
+    assert set(groups[0]) == {"id", "tier", "keep", "files"} and groups[0]["tier"] == "identical"
+    assert all(set(hit) == {"path", "score", "action"} for hit in groups[0]["files"])
+    assert sorted(hit["action"] for hit in groups[0]["files"]) == ["keep", "remove"]
     assert main(["duplicates", "--threshold", "0.99999", "--index", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "group 1: 2 images" in out and "1 groups of near-duplicates" in out
+    assert "group 1: 2 images, identical" in out and "1 groups of near-duplicates" in out
 
 
 def test_info(indexed, capsys):
