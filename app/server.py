@@ -188,19 +188,14 @@ def free_port(host: str, first: int = DEFAULT_PORT, tries: int = 100) -> int:
     raise MoCoRetrievalError(f"no free port in {first}-{first + tries - 1}: pass --port")
 
 
-def run(
-    app: FastAPI,
-    host: str | None = None,
-    port: int | None = None,
-    notify: Callable[[str], None] | None = None,
-) -> None:
+def run(app: FastAPI, host: str | None = None, port: int | None = None) -> None:
     """Serves ``app`` with uvicorn until interrupted, on 127.0.0.1 unless a host is given."""
     import uvicorn
 
     host = host or DEFAULT_HOST
     port = port or free_port(host)
     shown = f"[{host}]" if ":" in host else host
-    (notify or logger.warning)(f"serving on http://{shown}:{port} (Ctrl+C stops)")
+    print(f"serving http://{shown}:{port} (API: {API_PREFIX}); Ctrl+C stops", flush=True)
     # Access logs are off: they would list the paths of private photos on the console.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
@@ -239,7 +234,7 @@ def serve(
     index = open_index(index_path, backend, device, notify)
     try:
         if api_only:
-            run(build_server(index, k=k, max_upload_mb=max_upload_mb), host, port, notify)
+            run(build_server(index, k=k, max_upload_mb=max_upload_mb), host, port)
             return
         from .ui import build_app
 
@@ -249,6 +244,6 @@ def serve(
                 launch(page, host, port, share, max_upload_mb, block=True)
             else:
                 app = build_server(index, page, k=k, max_upload_mb=max_upload_mb)
-                run(app, host, port, notify)
+                run(app, host, port)
     finally:
         index.close()
