@@ -82,6 +82,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         device=args.device,
         notify=notify,
+        api_only=args.api_only,
     )
     return 0
 
@@ -89,9 +90,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="the image-search web app over an index",
+        help="the image-search web app and its HTTP API over an index",
         description="Search an index from the browser: upload or paste a photo, see its "
-        "nearest images, browse near-duplicates. Local only unless --host/--share say otherwise.",
+        "nearest images, browse near-duplicates. The same server answers JSON under /api/v1 "
+        "(README, 'HTTP API'). Local only unless --host/--share say otherwise.",
     )
     p.add_argument(
         "--index",
@@ -106,6 +108,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device for the model (default: automatic)")
     add_backend_arguments(p)
     p.add_argument("--max-upload-mb", type=float, default=50, help="upload limit (default 50)")
+    p.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the HTTP API (/api/v1) without the page, e.g. on a NAS; needs no Gradio",
+    )
     p.set_defaults(func=_cmd_serve)
 
 

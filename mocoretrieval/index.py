@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from . import ann
@@ -362,6 +363,34 @@ class ImageIndex(EncoderPin, Searching, Updating):
             for rel, record in sorted(self.store.files().items())
             if record.vector_id is not None and (norm := inside_root(rel)) is not None
         ]
+
+    def __contains__(self, path: object) -> bool:
+        """Whether ``path`` (relative to the root, as :meth:`paths` lists it) is embedded."""
+        if not isinstance(path, str):
+            return False
+        self._sync()
+        record = self.store.file(path)
+        return record is not None and record.vector_id is not None
+
+    def vector(self, path: str) -> np.ndarray:
+        """The stored embedding of an indexed image, ``(dim,)`` float32 and L2-normalised:
+        search with it to find the images most like one of the index, without decoding it.
+
+        Args:
+            path: the image's path relative to the root, as :meth:`paths` gives it.
+
+        Raises:
+            ImageError: the image is not in the index (never indexed, skipped, or removed).
+        """
+        self._sync()
+        vector = self.store.vector(path)
+        if vector is None:
+            raise ImageError(
+                f"not in the index of {self.root}: pass a path relative to the root as "
+                "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
+                path,
+            )
+        return vector
 
     def thumbnail(self, path: str) -> Image.Image:
         """The thumbnail stored for an indexed image when it was embedded (its longest side at

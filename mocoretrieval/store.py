@@ -253,6 +253,16 @@ class Store:
             )
         )
 
+    def vector(self, path: str) -> np.ndarray | None:
+        """The stored embedding of one file, ``(dim,)`` float32, or None if it has none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT v.id, v.vector FROM files f JOIN vectors v ON v.id = f.vector_id "
+                "WHERE f.path=?",
+                (path,),
+            ).fetchone()
+        return None if row is None else decode_vectors([row], self.dim, self.path)[1][0]
+
     def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
         """The stored thumbnails of embedded files, by relative path (files without one, or an
         index built before thumbnails were stored, are left out)."""

@@ -147,6 +147,26 @@ def test_thumbnail_of_an_indexed_image_or_an_error_that_says_why(tmp_path, tiny_
             index.thumbnail("img_0002.jpg")
 
 
+def test_stored_vector_of_an_indexed_image(built):
+    """`vector` gives the embedding stored at indexing time (the one a search by the file
+    computes again), and `in` says which paths are indexed. Checked: with the query's
+    `WHERE f.path=? OR 1` (every path given the first row's vector) it fails."""
+    from mocoretrieval.errors import ImageError
+
+    index, root, _ = built
+    for rel in ("img_0001.png", "sub/img_0002.jpg"):
+        assert rel in index
+        vector = index.vector(rel)
+        assert vector.shape == (index.dim,) and vector.dtype == np.float32
+        assert np.allclose(vector, index.embed_queries([root / rel])[0], atol=1e-5)
+        assert index.search(vector, k=1)[0].relpath == rel
+    for rel in ("nope.jpg", str(root / "img_0001.png"), "../photos/img_0001.png"):
+        assert rel not in index
+        with pytest.raises(ImageError, match="not in the index.*ImageIndex.paths"):
+            index.vector(rel)
+    assert 3 not in index
+
+
 def test_info(built):
     index, root, encoder_dir = built
     info = index.info()
