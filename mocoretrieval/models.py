@@ -29,7 +29,7 @@ from .index import ImageIndex
 from .layout import find_index_dir, read_manifest
 from .onnx_backend import OnnxEncoder
 from .onnx_cache import cached_onnx
-from .sources import DEFAULT_MODEL, normalize_source
+from .sources import normalize_source
 
 __all__ = [
     "BACKENDS",
@@ -220,7 +220,7 @@ def index_model(
         except MoCoRetrievalError:
             if root is None:
                 return None  # nothing to search: the index says so
-            model = DEFAULT_MODEL  # a new index
+            model = sources.DEFAULT_MODEL  # a new index (looked up now: tests patch it)
         else:
             model = read_manifest(found)["encoder"]["source"]
             if model is None:
