@@ -1,16 +1,15 @@
-"""`MoCoEncoder`: a backbone plus an optional projection head, saved and loaded like a Hub model."""
+"""`MoCoEncoder`: a backbone plus an optional projection head, its config and `embed`; no I/O."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from PIL import Image
 from torch import nn
 
@@ -31,29 +30,6 @@ PAPERS = {
     "v3": "Chen, Xie, He, An Empirical Study of Training Self-Supervised Vision Transformers, "
     "ICCV 2021",
 }
-MODEL_CARD = """---
-library_name: mocoretrieval
-tags:
-- moco
-- self-supervised
-- image-feature-extraction
----
-# {title}
-
-A MoCo {version} `{arch}` image encoder for [mocoretrieval](https://github.com/mocoretrieval).
-
-- Paper: {paper}
-- Source: {source}
-- Embedding: `{embedding}` ({dim}-d, L2-normalised)
-- Preprocessing: resize short side to {resize_size}, centre crop {input_size},
-  mean {mean}, std {std}
-
-```python
-from mocoretrieval import MoCoEncoder
-encoder = MoCoEncoder.from_pretrained("PATH_OR_REPO_ID")
-vectors = encoder.embed([image])  # (N, {dim}) float32, L2-normalised
-```
-{extra}"""
 
 
 class MoCoEncoder(
@@ -192,42 +168,20 @@ class MoCoEncoder(
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
-    # --- saving and loading -------------------------------------------------------------
+    # --- saving and loading: the Hub mixin's hooks, the I/O in hub.py -------------------
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_model
+        """The mixin's hook: ``save_pretrained`` (and ``push_to_hub``) write config.json,
+        model.safetensors and a README.md model card through :func:`mocoretrieval.hub.save`."""
+        from .hub import save
 
-        save_directory = Path(save_directory)
-        save_model(self, str(save_directory / "model.safetensors"))
-        (save_directory / "README.md").write_text(self.model_card())
+        save(self, self.config, save_directory)
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs: Any):  # type: ignore[override]
-        """Writes config.json, model.safetensors and a README.md model card to a directory."""
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        kwargs["config"] = (
-            self.config.to_dict()
-        )  # _save_pretrained also rewrites README.md every time
-        return super().save_pretrained(save_directory, **kwargs)
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The mixin's model-card hook: the card ``save_pretrained`` writes as README.md."""
+        from .hub import model_card
 
-    def model_card(self) -> str:
-        extra = ""
-        if self.extra:
-            extra = "\n## Training\n\n```json\n" + json.dumps(self.extra, indent=2) + "\n```\n"
-        return MODEL_CARD.format(
-            title=f"MoCo {self.moco_version} {self.arch}",
-            version=self.moco_version,
-            arch=self.arch,
-            paper=self.paper,
-            source=self.source or "unknown",
-            embedding=self.embedding,
-            dim=self.dim,
-            resize_size=self.resize_size,
-            input_size=self.input_size,
-            mean=list(self.mean),
-            std=list(self.std),
-            extra=extra,
-        )
+        return ModelCard(model_card(self.config))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MoCoEncoder:
@@ -242,7 +196,10 @@ class MoCoEncoder(
     # How `from_pretrained` resolves a source: `mocoretrieval.sources.load`, which registers
     # itself when imported (the package's __init__ imports it, so it always has). This file, like
     # timm's model files, holds the architecture and no Hub or file resolution, and never
-    # imports sources.py: the dependency goes one way, sources -> encoder.
+    # imports sources.py: the dependency goes one way, sources -> encoder (-> hub, lazily).
+    # `from_pretrained` is overridden rather than the mixin's `_from_pretrained` hook: the
+    # mixin's `from_pretrained` first fetches config.json from a folder or the Hub, which an
+    # alias or an official `.pth.tar` does not have (and, offline, fails before any hook runs).
     _load_source: ClassVar[Callable[..., MoCoEncoder] | None] = None
 
     @classmethod

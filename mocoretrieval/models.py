@@ -29,7 +29,7 @@ from .index import ImageIndex
 from .layout import find_index_dir, read_manifest
 from .onnx_backend import OnnxEncoder
 from .onnx_cache import cached_onnx
-from .sources import DEFAULT_MODEL, normalize_source
+from .sources import normalize_source
 
 __all__ = [
     "BACKENDS",
@@ -188,11 +188,11 @@ def index_model(
 ) -> ModelArg:
     """The ``model`` to give :class:`~mocoretrieval.index.ImageIndex` for the chosen backend.
 
-    With torch, ``model`` unchanged: the index loads it (or its own) through
-    :func:`load_model`. With onnx, an :class:`OnnxEncoder` of ``model``, else a
+    With torch, a model source loaded by :func:`load_model` (an embedder unchanged); with
+    onnx, an :class:`OnnxEncoder` of ``model``. With either and no ``model``, a
     :class:`~mocoretrieval.embedder.DeferredModel` of the source the existing index was built
-    with (loaded only if there is work), else one of the default model. The index checks its
-    weights hash like any encoder's.
+    with (loaded only if there is work), else the default model. The index is handed an
+    embedder, never a name to resolve, and checks its weights hash like any encoder's.
 
     Args:
         model: a model source or encoder, or None for the index's own.
@@ -201,11 +201,17 @@ def index_model(
             current folder and its parents when ``root`` is None too).
         root: the image folder being indexed; int8 is calibrated on a sample of its images.
     """
+    requested = device
     chosen, device = choose_backend("onnx" if quantize and backend == "auto" else backend, device)
-    if chosen == "torch" and quantize is None:
-        return model
     if root is not None and not Path(root).is_dir():
         return model  # the index says what is wrong, before any model is loaded
+    if chosen == "torch" and quantize is None:
+        if isinstance(model, (str, os.PathLike)):
+            # Loaded here, as the index would have loaded it: the index resolves no name.
+            return load_model(model, requested)
+        if model is not None:
+            return model
+        # None: the index's own model, deferred below like onnx's (or the default model).
     if isinstance(model, DeferredModel):
         return model
     if model is None:
@@ -214,13 +220,15 @@ def index_model(
         except MoCoRetrievalError:
             if root is None:
                 return None  # nothing to search: the index says so
-            model = DEFAULT_MODEL  # a new index
+            model = sources.DEFAULT_MODEL  # a new index (looked up now: tests patch it)
         else:
             model = read_manifest(found)["encoder"]["source"]
             if model is None:
                 return None  # built with an unsaved encoder: the index says what to do
             if quantize is None:  # the index's own model: loaded only if there is work
                 source = model
+                if chosen == "torch":  # as load_model: an .onnx source still loads
+                    return DeferredModel(lambda: load_model(source, requested))
                 return DeferredModel(
                     lambda: load_backend(
                         source, backend, device, cache_dir=cache_dir, notify=notify

@@ -1,12 +1,13 @@
 """Resolves a model source (directory, Hub id, official checkpoint, alias) into a `MoCoEncoder`.
 
-Everything that touches the filesystem or the network for models lives here.
+What a source is, how an official checkpoint converts, and strict loading live here; the
+``save_pretrained`` layout (config.json, model.safetensors, README.md: written, read, fetched from
+the Hub) is ``hub.py``'s.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .encoder import MoCoEncoder
 from .errors import CheckpointError, SourceError, UnsafeCheckpointError
 
@@ -107,7 +109,7 @@ def _load_bundled(alias: str, overrides: dict[str, Any]) -> MoCoEncoder:
 
 
 def _load_directory(path: Path, overrides: dict[str, Any]) -> MoCoEncoder:
-    config_file, weights_file = path / "config.json", path / "model.safetensors"
+    config_file, weights_file = path / hub.CONFIG_NAME, path / hub.WEIGHTS_NAME
     missing = [f.name for f in (config_file, weights_file) if not f.is_file()]
     if missing:
         raise SourceError(
@@ -118,7 +120,6 @@ def _load_directory(path: Path, overrides: dict[str, Any]) -> MoCoEncoder:
 
 
 def _load_hub(repo_id: str, overrides: dict[str, Any], hub_kwargs: dict[str, Any]) -> MoCoEncoder:
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
@@ -126,8 +127,7 @@ def _load_hub(repo_id: str, overrides: dict[str, Any], hub_kwargs: dict[str, Any
     )
 
     try:
-        config_file = hf_hub_download(repo_id, "config.json", **hub_kwargs)
-        weights_file = hf_hub_download(repo_id, "model.safetensors", **hub_kwargs)
+        config_file, weights_file = hub.download(repo_id, **hub_kwargs)
     except LocalEntryNotFoundError as e:
         raise SourceError(
             f"cannot fetch {repo_id!r} from the Hugging Face Hub and it is not in the local cache "
@@ -139,23 +139,12 @@ def _load_hub(repo_id: str, overrides: dict[str, Any], hub_kwargs: dict[str, Any
             f"{repo_id!r} is not a mocoretrieval encoder on the Hub (no such repo, or no "
             f"config.json/model.safetensors in it).\n{ACCEPTED}"
         ) from e
-    return _from_files(Path(config_file), Path(weights_file), overrides, origin=repo_id)
+    return _from_files(config_file, weights_file, overrides, origin=repo_id)
 
 
 def _from_files(config_file: Path, weights_file: Path, overrides: dict[str, Any], origin: str):
-    from safetensors.torch import load_file
-
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-save the encoder") from e
+    config, state = hub.read(config_file, weights_file)
     config.update(overrides)
-    try:
-        state = load_file(str(weights_file))
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise CheckpointError(
-            f"{weights_file} is damaged or not a safetensors file ({e}); download or save it again"
-        ) from e
     try:
         encoder = encoder_with_weights(config, state, origin)
     except (TypeError, ValueError) as e:
