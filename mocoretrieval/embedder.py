@@ -182,14 +182,16 @@ class Embedder(Protocol):
 
 
 class DeferredModel:
-    """An embedder loaded only when there is work for it: files to embed or an image query.
+    """An index's own model, loaded only when there is work for it: files to embed or an image
+    query.
 
-    Given for an index's own model, an unchanged folder then costs no model loading at all; the
-    loaded weights are checked against the index's pin like any model's.
+    An unchanged folder then costs no model loading at all. The index hands ``load`` the source
+    its manifest records (read once, when the index is opened), and checks the loaded weights
+    against its pin like any model's.
 
     Args:
-        load: returns the embedder (e.g. an onnxruntime backend of the index's source).
+        load: the embedder of a recorded source (e.g. an onnxruntime backend of it).
     """
 
-    def __init__(self, load: Callable[[], Embedder]) -> None:
+    def __init__(self, load: Callable[[str], Embedder]) -> None:
         self.load = load

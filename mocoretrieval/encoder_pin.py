@@ -50,27 +50,40 @@ class EncoderPin:
         if self._encoder is None and self._deferred is not None:
             deferred, self._deferred = self._deferred, None
             self._use_encoder(
-                deferred.load(), hint="the model changed since indexing; use --rebuild"
+                deferred.load(self.recorded_source()),
+                hint="the model changed since indexing; use --rebuild",
             )
         if self._encoder is None:
-            source = self.manifest["encoder"]["source"]
-            if source is None:
-                raise ModelMismatchError(
-                    f"the index at {self.path} was built with an encoder that was never saved; "
-                    "pass it with ImageIndex.open(path, model=encoder)"
-                )
             self._use_encoder(
-                source,
+                self.recorded_source(),
                 hint="the model at that source changed since indexing; re-index with --rebuild",
             )
         return self._encoder
 
+    def recorded_source(self) -> str:
+        """The model source the manifest records, to load the index's own model from."""
+        source = self.manifest["encoder"]["source"]
+        if source is None:
+            raise ModelMismatchError(
+                f"the index at {self.path} was built with an encoder that was never saved; "
+                "pass it with ImageIndex.open(path, model=encoder)"
+            )
+        return source
+
     @classmethod
-    def _load_with(cls, model: Model, device: str | None) -> tuple[Embedder, str | None]:
-        """``(embedder, source)`` of an embedder, a DeferredModel or a source string; the
-        source is what the manifest records, to load the model again from."""
+    def _load_with(
+        cls, model: Model, device: str | None, recorded: str | None = None
+    ) -> tuple[Embedder, str | None]:
+        """``(embedder, source)`` of an embedder, a source string, or a DeferredModel (loaded
+        from ``recorded``, the index's recorded source); the source is what the manifest
+        records, to load the model again from."""
         if isinstance(model, DeferredModel):
-            model = model.load()
+            if recorded is None:
+                raise MoCoRetrievalError(
+                    "the index's own model was asked for, but there is no index here yet: pass "
+                    "a model (--model)"
+                )
+            model = model.load(recorded)
         if isinstance(model, (str, os.PathLike)):
             if cls._load_model is None:
                 raise MoCoRetrievalError(
@@ -85,7 +98,8 @@ class EncoderPin:
         if isinstance(model, DeferredModel) and self._encoder is None:
             self._deferred = model  # checked when loaded, if ever
             return
-        encoder, source = self._load_with(model, self._device)
+        recorded = self.recorded_source() if isinstance(model, DeferredModel) else None
+        encoder, source = self._load_with(model, self._device, recorded)
         pinned = self.manifest["encoder"]
         if encoder.weights_hash() != pinned["weights_hash"]:
             raise ModelMismatchError(

@@ -142,8 +142,11 @@ class ImageIndex(EncoderPin, Searching, Updating):
                 )
             dim = index.dim
             if rebuild:
+                own = model is None or isinstance(model, DeferredModel)
                 index._pending_reset = index._load_with(
-                    model if model is not None else index.manifest["encoder"]["source"], device
+                    model if model is not None else index.recorded_source(),
+                    device,
+                    index.recorded_source() if own else None,
                 )
                 dim = int(index._pending_reset[0].dim)
             elif model is not None:

@@ -222,18 +222,19 @@ def index_model(
                 return None  # nothing to search: the index says so
             model = sources.DEFAULT_MODEL  # a new index (looked up now: tests patch it)
         else:
-            model = read_manifest(found)["encoder"]["source"]
-            if model is None:
-                return None  # built with an unsaved encoder: the index says what to do
-            if quantize is None:  # the index's own model: loaded only if there is work
-                source = model
+            if quantize is None:
+                # The index's own model, loaded only if there is work, from the source the index
+                # reads in its manifest (read once, there; an unsaved one: the index says so).
                 if chosen == "torch":  # as load_model: an .onnx source still loads
-                    return DeferredModel(lambda: load_model(source, requested))
+                    return DeferredModel(lambda source: load_model(source, requested))
                 return DeferredModel(
-                    lambda: load_backend(
+                    lambda source: load_backend(
                         source, backend, device, cache_dir=cache_dir, notify=notify
                     )
                 )
+            model = read_manifest(found)["encoder"]["source"]  # int8: calibrated now
+            if model is None:
+                return None  # built with an unsaved encoder: the index says what to do
     calibration = None
     if quantize is not None and root is not None:
         from .data import walk_images

@@ -271,9 +271,9 @@ def _trace_index_command(argv: list[str]) -> list[tuple[str, str, str]]:
     deferred = set()  # code of the load functions of the DeferredModels made during the run
     make = DeferredModel.__init__
 
-    def record(self, load):
+    def record(self, load, *args, **kwargs):
         deferred.add(getattr(load, "__code__", None))
-        make(self, load)
+        make(self, load, *args, **kwargs)
 
     def name(frame) -> str:
         module = frame.f_globals.get("__name__", "") if frame is not None else ""
@@ -347,7 +347,7 @@ def test_index_command_runs_down_the_layers_without_bouncing(tmp_path):
     the report afterwards, both downwards. (3) No module of the index calls models or sources:
     models resolves the model and hands the index an embedder (or a DeferredModel it made), so
     no model name is resolved from below. (4) onnx_backend builds at most one session. (5) The
-    manifest is read at most once (not yet met with the index's own model: see the xfail test).
+    manifest is read at most once.
     Run for a new index given a model, for the unchanged folder (no model loaded at all), and
     for the folder with new images (the index's own model, loaded once, deferred).
     """
@@ -361,21 +361,15 @@ def test_index_command_runs_down_the_layers_without_bouncing(tmp_path):
     assert any(m == "store" and fn == "add_batch" for m, fn, _ in first)
 
     unchanged = _trace_index_command(own)
-    _check_index_path(unchanged, manifest_reads=2)  # see the xfail test below
+    _check_index_path(unchanged)
     assert not any(m in ("sources", "encoder") for m, _, _ in unchanged), "loaded a model"
 
     make_images(tmp_path / "photos" / "new", 2, seed=1)
     changed = _trace_index_command(own)  # the index's own model, loaded because there is work
-    _check_index_path(changed, manifest_reads=2)
+    _check_index_path(changed)
     assert [c for c in changed if c[2] == DEFERRED], "the own model was not deferred"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models.index_model reads the manifest to learn the index's own source (for its "
-    "DeferredModel), then ImageIndex.create -> ImageIndex.open reads it again: fixing it takes "
-    "an API change (open/create given the manifest, or DeferredModel.load given the source)",
-)
 def test_indexing_with_the_index_own_model_reads_the_manifest_once(tmp_path):
     from factories import make_images, make_tiny_encoder
 
