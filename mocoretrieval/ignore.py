@@ -13,8 +13,9 @@ again what an earlier one excluded. As in git, a file in an excluded folder cann
 again: the walk never enters that folder (nor reads the ignore files inside it).
 
 Each file's patterns are rewritten relative to the root (``trips/.mocoretrievalignore``'s
-``*.png`` becomes ``/trips/**/*.png``) and appended to one spec per folder, so that pathspec
-applies git's rules across files exactly as it does within one.
+``*.png`` becomes ``/trips/**/*.png``) and appended to the rules of its folder, so that the
+rules across files apply exactly as within one. ``tests/test_ignore.py`` checks the result
+against ``git ls-files``.
 """
 
 from __future__ import annotations
@@ -59,21 +60,36 @@ class Rule(NamedTuple):
     pattern: str
 
 
-def _check(pattern: str, where: str) -> bool:
-    """Whether ``pattern`` matches anything (blank lines and comments do not).
+def _compiled(line: str, where: str) -> tuple[re.Pattern[str], bool] | None:
+    """``(regex, excludes)`` of one pattern line, relative to the root: the regex matches, in
+    full, a path the pattern itself matches (a folder's with a trailing '/'), not the paths
+    inside a folder it matches. None for a blank line or a comment.
+
+    pathspec matches file paths, so its regex also matches the paths below a folder that a
+    pattern matches, and ``GitIgnoreSpec`` ranks the matches to say whether a file is ignored;
+    the walk asks about each entry as git does instead, folders before what they hold, the last
+    pattern that matches it deciding. Matching in full gives that.
 
     Raises:
         IgnoreRuleError: git could not read it either.
     """
+    if line.endswith("/**/") and len(line.removeprefix("!")) > 4:
+        line = line[:-1] + "*/"  # the folders inside X; pathspec reads "X/**/" as X itself
     try:
-        spec = GitIgnoreSpec.from_lines([pattern])
+        pattern = GitIgnoreSpec.from_lines([line]).patterns[0]
     except ValueError as e:  # pathspec's GitIgnorePatternError
         raise IgnoreRuleError(
-            f"{where}: {pattern!r} is not a gitignore pattern ({e}); fix or delete it (a "
+            f"{where}: {line!r} is not a gitignore pattern ({e}); fix or delete it (a "
             "literal '!' or '#' at the start, or a trailing '\\', is written with a '\\' "
             "before it)"
         ) from None
-    return spec.patterns[0].include is not None
+    if pattern.include is None or pattern.regex is None:
+        return None
+    regex = pattern.regex.pattern
+    if regex.endswith("/") and not regex.endswith(")"):
+        regex += ".+"  # "X/**": everything inside X, but not X itself
+    # Unanchored regexes (those of "*", "*/") may start anywhere; "^" still pins the others.
+    return re.compile(f"(?s:.*?)(?:{regex})"), pattern.include
 
 
 def _rebased(pattern: str, folder: str) -> str:
@@ -85,7 +101,9 @@ def _rebased(pattern: str, folder: str) -> str:
     if not body.endswith("\\ "):  # git drops trailing spaces unless escaped
         body = body.rstrip(" ")
     prefix = "/" + _GLOB_CHARS.sub(r"\\\1", folder)
-    if "/" in body.rstrip("/"):
+    if body == "**":  # everything in the folder
+        body = prefix + "/**"
+    elif "/" in body.rstrip("/"):
         body = prefix + ("" if body.startswith("/") else "/") + body
     else:
         body = prefix + "/**/" + body
@@ -95,10 +113,13 @@ def _rebased(pattern: str, folder: str) -> str:
 class IgnoreRules:
     """The rules in force in one folder; :meth:`with_file` gives those of a folder below."""
 
-    def __init__(self, rules: Sequence[Rule] = (), lines: Sequence[str] = ()) -> None:
-        self.rules = tuple(rules)
-        self._lines = tuple(lines)  # the rules' patterns, relative to the root
-        self._spec = GitIgnoreSpec.from_lines(self._lines)
+    def __init__(self, rules: Sequence[tuple[Rule, re.Pattern[str], bool]] = ()) -> None:
+        self._rules = tuple(rules)  # (rule, its regex relative to the root, excludes)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """In the order they apply: the last that matches a path decides."""
+        return tuple(rule for rule, _, _ in self._rules)
 
     @classmethod
     def for_root(cls, exclude: Iterable[str] = ()) -> IgnoreRules:
@@ -107,13 +128,13 @@ class IgnoreRules:
         Raises:
             IgnoreRuleError: a pattern of ``exclude`` is malformed.
         """
-        rules, lines = [], []
+        rules = []
         for source, patterns in ((DEFAULTS, DEFAULT_PATTERNS), (EXCLUDE, exclude)):
             for i, pattern in enumerate(patterns, 1):
-                if _check(pattern, f"{source} {pattern!r}"):
-                    rules.append(Rule(source, i, pattern))
-                    lines.append(pattern)
-        return cls(rules, lines)
+                compiled = _compiled(pattern, f"{source} {pattern!r}")
+                if compiled is not None:
+                    rules.append((Rule(source, i, pattern), *compiled))
+        return cls(rules)
 
     def with_file(self, root: Path, folder: str) -> IgnoreRules:
         """These rules and those of ``folder``'s ignore file (``folder`` relative to ``root``,
@@ -132,19 +153,27 @@ class IgnoreRules:
                 "readable UTF-8 text file, or delete it"
             ) from None
         source = f"{folder}/{IGNORE_FILE}" if folder else IGNORE_FILE
-        rules, lines = list(self.rules), list(self._lines)
+        rules = list(self._rules)
         for i, pattern in enumerate(text.splitlines(), 1):
-            if _check(pattern, f"{path}, line {i}"):
-                rules.append(Rule(source, i, pattern))
-                lines.append(_rebased(pattern, folder) if folder else pattern)
-        return IgnoreRules(rules, lines)
+            where = f"{path}, line {i}"
+            compiled = _compiled(pattern, where)  # checked as written, then rebased
+            if compiled is not None and folder:
+                compiled = _compiled(_rebased(pattern, folder), where)
+            if compiled is not None:
+                rules.append((Rule(source, i, pattern), *compiled))
+        return IgnoreRules(rules)
 
     def match(self, path: str, is_dir: bool) -> Rule | None:
-        """The rule that excludes ``path`` (POSIX, relative to the root), or None if none does."""
-        result = self._spec.check_file(path + "/" if is_dir else path)
-        if not result.include or result.index is None:
-            return None
-        return self.rules[result.index]
+        """The rule that excludes ``path`` (POSIX, relative to the root), or None if none does.
+
+        Only ``path`` itself is matched: the walk does not enter an excluded folder, so what is
+        inside one is never asked about.
+        """
+        entry = path + "/" if is_dir else path
+        for rule, regex, excludes in reversed(self._rules):
+            if regex.fullmatch(entry):
+                return rule if excludes else None
+        return None
 
 
 def excluding_rule(path: str, excluded: Mapping[str, Rule]) -> Rule | None:
