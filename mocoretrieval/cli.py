@@ -239,7 +239,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     folders = sum(c["folders"] for _, _, c in counts)
     print(f"{'excluded:':<22}{_count(files, 'image')}, {_count(folders, 'folder')} (not entered)")
     for source, pattern, c in counts:
-        what = [_count(c[k], k[:-1]) for k in ("files", "folders") if c[k]]
+        what = [
+            _count(c[k], noun) for k, noun in (("files", "image"), ("folders", "folder")) if c[k]
+        ]
         print(f"  {source}: {pattern}: {', '.join(what)}")
     print(f"{'skipped:':<22}{len(skipped)}")
     for path, reason in skipped.items():

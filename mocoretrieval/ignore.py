@@ -190,12 +190,10 @@ def excluding_rule(path: str, excluded: Mapping[str, Rule]) -> Rule | None:
 
 
 def count_excluded(excluded: Mapping[str, Rule]) -> dict[str, dict[str, dict[str, int]]]:
-    """``{source: {pattern: {"files": n, "folders": n}}}`` of a walk's ``excluded`` map, in the
-    order the rules apply; JSON-able, as the manifest and :class:`.UpdateReport` keep it."""
-    rank = {DEFAULTS: 0, EXCLUDE: 1}
+    """``{source: {pattern: {"files": n, "folders": n}}}`` of a walk's ``excluded`` map:
+    JSON-able, as the manifest and :class:`.UpdateReport` keep it."""
     out: dict[str, dict[str, dict[str, int]]] = {}
-    order = sorted(excluded.items(), key=lambda kv: (rank.get(kv[1].source, 2), kv[1], kv[0]))
-    for path, rule in order:
+    for path, rule in excluded.items():
         counts = out.setdefault(rule.source, {}).setdefault(
             rule.pattern, {"files": 0, "folders": 0}
         )

@@ -240,7 +240,7 @@ def test_exclude_is_kept_removes_what_it_now_excludes_and_info_counts(
     assert "exclude:              raw/ *.tmp" in out
     assert "excluded:             2 images, 2 folders (not entered)" in out
     assert "  --exclude: raw/: 1 folder" in out
-    assert "  trip/.mocoretrievalignore: *.png: 1 file" in out
+    assert "  trip/.mocoretrievalignore: *.png: 1 image" in out
 
     assert _index(root, tiny_encoder_dir, "--no-exclude") == 0  # dropped: raw/ comes back
     out = capsys.readouterr().out
