@@ -131,7 +131,7 @@ class IgnoreRules:
         rules = []
         for source, patterns in ((DEFAULTS, DEFAULT_PATTERNS), (EXCLUDE, exclude)):
             for i, pattern in enumerate(patterns, 1):
-                compiled = _compiled(pattern, f"{source} {pattern!r}")
+                compiled = _compiled(pattern, source)
                 if compiled is not None:
                     rules.append((Rule(source, i, pattern), *compiled))
         return cls(rules)
@@ -145,7 +145,7 @@ class IgnoreRules:
         """
         path = root / folder / IGNORE_FILE
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a pattern
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
             raise IgnoreRuleError(

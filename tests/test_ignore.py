@@ -71,9 +71,11 @@ def test_each_default_clutter_name_is_excluded(tmp_path, pattern):
 
 def test_a_default_is_included_again_by_a_negation(tmp_path):
     """`!@eaDir/` in an ignore file brings the thumbnails back. Seen failing with the ignore
-    file not read (`rules = rules.with_file(...)` deleted from scan_images)."""
+    file not read (`rules = rules.with_file(...)` deleted from scan_images), and with the file
+    read as "utf-8" rather than "utf-8-sig" (the BOM glued to the first pattern)."""
     _touch(tmp_path, "a.jpg", "@eaDir/t.jpg", ".hidden/h.jpg")
-    (tmp_path / ".mocoretrievalignore").write_text("!@eaDir/\n!.hidden\n")
+    # As a Windows editor saves it: a BOM first, which is no part of the first pattern.
+    (tmp_path / ".mocoretrievalignore").write_text("\ufeff!@eaDir/\n!.hidden\n", "utf-8")
     assert walk_images(tmp_path) == [".hidden/h.jpg", "@eaDir/t.jpg", "a.jpg"]
     assert walk_images(tmp_path, exclude=[tmp_path / ".hidden"]) == ["@eaDir/t.jpg", "a.jpg"]
 
@@ -181,7 +183,7 @@ def test_malformed_pattern_names_the_file_and_line(tmp_path, capsys, tiny_encode
     ignore.write_text("# ok\n*.tmp\n!\n")
     with pytest.raises(IgnoreRuleError, match=rf"{ignore}, line 3: '!' is not a gitignore"):
         walk_images(tmp_path / "photos")
-    with pytest.raises(IgnoreRuleError, match=r"--exclude 'raw\\\\': '.*' is not a gitignore"):
+    with pytest.raises(IgnoreRuleError, match=r"--exclude: 'raw\\\\' is not a gitignore"):
         IgnoreRules.for_root(["*.tmp", "raw\\"])
     capsys.readouterr()
     assert _index(tmp_path / "photos", tiny_encoder_dir) == 1
