@@ -125,6 +125,10 @@ def _shown(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from .models import open_index
 
@@ -139,6 +143,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         rebuild=args.rebuild,
     )
+    exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     progress = Progress(args.quiet)
     try:
         report = index.update(
@@ -147,6 +152,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             device=args.device,
             progress=progress,
             prune_empty=args.prune_empty,
+            exclude=exclude,
         )
     finally:
         progress.close()
@@ -165,6 +171,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
             shown += 1
     if shown > 20:
         print(f"  ... and {shown - 20} more: see `mocoretrieval info`")
+    files, folders = report.num_excluded
+    if files or folders:
+        print(
+            f"  excluded {_count(files, 'image')} and {_count(folders, 'folder')} (not entered) "
+            "by the ignore rules: see `mocoretrieval info`"
+        )
+    if report.excluded_removed:
+        print(
+            f"  removed {_count(len(report.excluded_removed), 'image')} from the index that the "
+            "ignore rules now exclude (the files are not touched; change the rules and index "
+            "again to add them back)"
+        )
     for folder, reason in report.unreadable.items():
         print(f"  could not list {folder}/ ({reason}); its indexed images are kept")
     for folder, n in report.empty.items():
@@ -311,8 +329,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     skipped = info.pop("skipped")
+    excluded = info.pop("excluded")
+    info["exclude"] = " ".join(info["exclude"]) or "-"
     for key, value in info.items():
         print(f"{key + ':':<22}{value}")
+    counts = [(s, p, c) for s, patterns in excluded.items() for p, c in patterns.items()]
+    files = sum(c["files"] for _, _, c in counts)
+    folders = sum(c["folders"] for _, _, c in counts)
+    print(f"{'excluded:':<22}{_count(files, 'image')}, {_count(folders, 'folder')} (not entered)")
+    for source, pattern, c in counts:
+        what = [
+            _count(c[k], noun) for k, noun in (("files", "image"), ("folders", "folder")) if c[k]
+        ]
+        print(f"  {source}: {pattern}: {', '.join(what)}")
     print(f"{'skipped:':<22}{len(skipped)}")
     for path, reason in skipped.items():
         print(f"  {path}: {reason}")
@@ -367,6 +396,16 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         help="also forget the images of folders that are now empty; by default an empty folder "
         "(ROOT too) that held indexed images is taken for an unmounted drive and they are kept",
     )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="leave out what a gitignore-style PATTERN matches, relative to ROOT (repeat it for "
+        "more); kept in the index for later runs until given again or --no-exclude. Images it "
+        "now excludes are removed from the index (not from the disk). .mocoretrievalignore "
+        "files in the tree apply too, over these",
+    )
+    p.add_argument("--no-exclude", action="store_true", help="drop the index's --exclude patterns")
     add_backend_arguments(p)
     p.add_argument(
         "--quantize",
@@ -466,7 +505,9 @@ def _add_undo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="model, size, index type, last update and skipped files")
+    p = sub.add_parser(
+        "info", help="model, size, index type, last update, skipped and excluded files"
+    )
     p.add_argument("--index", metavar="DIR", help=_INDEX_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_cmd_info)

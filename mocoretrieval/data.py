@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import formats
 from .errors import ImageError
+from .ignore import IGNORE_FILE, IgnoreRules, Rule
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,15 @@ class Scan(NamedTuple):
         paired: RAW files left out of ``files`` because a JPEG or HEIF of the same name beside
             them stands for the same photo -> that file (see
             :func:`.formats.collapse_raw_pairs`).
+        excluded: what the ignore rules left out -> the rule that did: image files by path,
+            folders (not entered) by path and a trailing ``/`` (see :mod:`.ignore`).
     """
 
     files: dict[str, os.stat_result]
     problems: dict[str, str]
     unreadable: dict[str, str]
     paired: dict[str, str]
+    excluded: dict[str, Rule]
 
 
 def _problem(full: str) -> tuple[os.stat_result | None, str | None]:
@@ -108,18 +112,26 @@ def _problem(full: str) -> tuple[os.stat_result | None, str | None]:
 
 
 def scan_images(
-    root: str | Path, exclude: Sequence[str | Path] = (), *, follow_symlinks: bool = False
+    root: str | Path,
+    exclude: Sequence[str | Path] = (),
+    *,
+    follow_symlinks: bool = False,
+    patterns: Sequence[str] = (),
 ) -> Scan:
     """Finds the image files under ``root``, and says what it could not use and why.
 
-    Hidden files and folders (name starting with ``.``) and the folders in ``exclude`` (e.g. the
-    index's own folder) are not entered. Symlinked files are listed; symlinked folders are only
-    entered with ``follow_symlinks``, and then never twice (no loops, no duplicates). Only
-    regular files are listed: a FIFO named ``x.jpg`` would block whoever opens it. A RAW file
-    with a JPEG or HEIF of the same name beside it is one photo: only the latter is listed.
+    The ignore rules of :mod:`.ignore` apply: the defaults (hidden names, NAS and OS clutter),
+    ``patterns`` (gitignore patterns relative to ``root``, as ``--exclude`` gives them) and the
+    ``.mocoretrievalignore`` files of the tree. An excluded folder is never listed, nor is any
+    folder in ``exclude`` (e.g. the index's own folder, whatever the rules say). Symlinked files
+    are listed; symlinked folders are only entered with ``follow_symlinks``, and then never
+    twice (no loops, no duplicates). Only regular files are listed: a FIFO named ``x.jpg``
+    would block whoever opens it. A RAW file with a JPEG or HEIF of the same name beside it is
+    one photo: only the latter is listed.
 
     Raises:
         ImageError: ``root`` is not a folder.
+        IgnoreRuleError: a pattern is malformed, or an ignore file cannot be read.
     """
     root = Path(root)
     if not root.is_dir():
@@ -129,6 +141,10 @@ def scan_images(
     files: dict[str, os.stat_result] = {}
     problems: dict[str, str] = {}
     unreadable: dict[str, str] = {}
+    ignored: dict[str, Rule] = {}
+    # The rules in force in each folder still to be walked: its parent's, until its own
+    # ignore file (if any) is read on entering it.
+    rules_of: dict[str, IgnoreRules] = {".": IgnoreRules.for_root(patterns)}
 
     def on_error(err: OSError) -> None:  # an unreadable sub-folder is reported, not fatal
         where = os.path.relpath(err.filename or root, root)
@@ -139,22 +155,37 @@ def scan_images(
     for dirpath, dirnames, filenames in os.walk(
         root, onerror=on_error, followlinks=follow_symlinks
     ):
+        rel = Path(dirpath).relative_to(root)
+        folder = rel.as_posix()
+        rules = rules_of.pop(folder)
         if follow_symlinks:
             st = os.stat(dirpath)
             if (st.st_dev, st.st_ino) in seen:
                 dirnames[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in excluded
-        )
-        rel = Path(dirpath).relative_to(root)
+        if IGNORE_FILE in filenames:
+            rules = rules.with_file(root, "" if folder == "." else folder)
+        kept = []
+        for d in sorted(dirnames):
+            path = (rel / d).as_posix()
+            if os.path.realpath(os.path.join(dirpath, d)) in excluded:
+                continue
+            rule = rules.match(path, is_dir=True)
+            if rule is not None:  # pruned: an @eaDir tree is never listed
+                ignored[path + "/"] = rule
+                continue
+            kept.append(d)
+            rules_of[path] = rules
+        dirnames[:] = kept
         for name in filenames:
-            if name.startswith(".") or not is_image_name(name):
+            if not is_image_name(name):
                 continue
             path = (rel / name).as_posix()
+            rule = rules.match(path, is_dir=False)
+            if rule is not None:
+                ignored[path] = rule
+                continue
             if not _is_utf8(path):
                 # Python holds the undecodable bytes as surrogates, which no index, JSON or
                 # SQLite text can store: the file is listed by its escaped name instead.
@@ -168,8 +199,14 @@ def scan_images(
                 problems[path] = reason
             else:
                 files[path] = st
-    kept, paired = formats.collapse_raw_pairs(sorted(files))
-    return Scan({p: files[p] for p in kept}, dict(sorted(problems.items())), unreadable, paired)
+    kept_files, paired = formats.collapse_raw_pairs(sorted(files))
+    return Scan(
+        {p: files[p] for p in kept_files},
+        dict(sorted(problems.items())),
+        unreadable,
+        paired,
+        {_display(p): rule for p, rule in sorted(ignored.items())},
+    )
 
 
 def empty_folders(
@@ -215,17 +252,24 @@ def _display(path: str) -> str:
 
 
 def walk_images(
-    root: str | Path, exclude: Sequence[str | Path] = (), *, follow_symlinks: bool = False
+    root: str | Path,
+    exclude: Sequence[str | Path] = (),
+    *,
+    follow_symlinks: bool = False,
+    patterns: Sequence[str] = (),
 ) -> list[str]:
     """The readable image files under ``root``, as sorted POSIX paths relative to it.
 
     See :func:`scan_images`, which also says what was left out and why (files that are not
-    regular, broken links, names that are not UTF-8, folders that cannot be listed).
+    regular, broken links, names that are not UTF-8, folders that cannot be listed, what the
+    ignore rules excluded).
 
     Raises:
         ImageError: ``root`` is not a folder.
+        IgnoreRuleError: a pattern is malformed, or an ignore file cannot be read.
     """
-    return list(scan_images(root, exclude, follow_symlinks=follow_symlinks).files)
+    scan = scan_images(root, exclude, follow_symlinks=follow_symlinks, patterns=patterns)
+    return list(scan.files)
 
 
 # --- decoding -----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ class DatasetError(MoCoRetrievalError):
     """A dataset (IDX files, a labeled or unlabeled image folder) is missing, empty or unusable."""
 
 
+class IgnoreRuleError(MoCoRetrievalError):
+    """An ignore pattern (``--exclude``, a ``.mocoretrievalignore`` line) cannot be read."""
+
+
 class IndexChangedError(IndexFormatError):
     """A writer changed the index (e.g. re-embedded it with another model) during a read."""
 

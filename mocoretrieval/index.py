@@ -206,6 +206,7 @@ class ImageIndex(EncoderPin, Searching, Updating):
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         prune_empty: bool = False,
+        exclude: Sequence[str] | None = None,
     ) -> ImageIndex:
         """:meth:`create` then :meth:`update`; the update's report is in ``.last_report``."""
         index = cls.create(
@@ -217,6 +218,7 @@ class ImageIndex(EncoderPin, Searching, Updating):
             device=device,
             progress=progress,
             prune_empty=prune_empty,
+            exclude=exclude,
         )
         return index
 
@@ -448,7 +450,11 @@ class ImageIndex(EncoderPin, Searching, Updating):
         return image
 
     def info(self) -> dict[str, Any]:
-        """Model, count, dimension, index type, last update and skipped files."""
+        """Model, count, dimension, index type, last update, skipped and excluded files.
+
+        ``exclude`` is the index's ``--exclude`` patterns; ``excluded`` what the ignore rules
+        left out at the last update (see :attr:`UpdateReport.excluded`).
+        """
         self._sync()
         faiss_entry = self.manifest.get("faiss") or {}
         encoder = self.manifest["encoder"]
@@ -467,5 +473,7 @@ class ImageIndex(EncoderPin, Searching, Updating):
             "recall_at_10": faiss_entry.get("recall_at_10"),
             "created": self.manifest["created"],
             "last_update": self.manifest["last_update"],
+            "exclude": self.manifest.get("exclude", []),
+            "excluded": self.manifest.get("excluded", {}),
             "skipped": {display(p): display(r) for p, r in self.store.skipped().items()},
         }

@@ -3,8 +3,9 @@
 An index directory (by default ``ROOT/.mocoretrieval/``) holds:
 
 - ``manifest.json``: format version, the root, the encoder (source, weights hash, config, dim),
-  metric, requested index type, and the state of ``index.faiss`` (factory, search parameters,
-  the store generation it was built from, its size). Replaced atomically.
+  metric, requested index type, the state of ``index.faiss`` (factory, search parameters,
+  the store generation it was built from, its size), the ``--exclude`` patterns and what the
+  ignore rules left out at the last update. Replaced atomically.
 - ``index.db``: the SQLite :class:`~mocoretrieval.store.Store` — files and their embeddings,
   committed batch by batch. It is the source of truth.
 - ``index.faiss``: derived from the stored embeddings; rebuilt (never by the model) when it is

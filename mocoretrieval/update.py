@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .data import empty_folders, scan_images
 from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .faiss_file import FaissFile
+from .ignore import Rule, count_excluded, excluding_rule
 from .layout import DATABASE, UpdateLock, now
 from .pathsafety import display, under
 from .store import FileStat, Store
@@ -46,12 +47,24 @@ class UpdateReport:
     # Folders that list nothing while the index holds files under them (the mount point of an
     # unmounted drive; "." for the root): folder -> files kept. ``prune_empty`` removes them.
     empty: dict[str, int] = field(default_factory=dict)
+    # What the ignore rules left out: source -> pattern -> {"files": n, "folders": n}, image
+    # files and the folders not entered (see :func:`.ignore.count_excluded`).
+    excluded: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # The files of ``removed`` that the ignore rules now exclude (the rules changed, or an
+    # ignore file was added): removed from the index as if deleted; the files are not touched.
+    excluded_removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
 
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
+
+    @property
+    def num_excluded(self) -> tuple[int, int]:
+        """``(image files, folders)`` the ignore rules left out."""
+        counts = [c for patterns in self.excluded.values() for c in patterns.values()]
+        return sum(c["files"] for c in counts), sum(c["folders"] for c in counts)
 
 
 class Updating:
@@ -85,6 +98,7 @@ class Updating:
         device: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         prune_empty: bool = False,
+        exclude: Sequence[str] | None = None,
     ) -> UpdateReport:
         """Brings the index in line with the folder: embeds new and changed files (by size and
         mtime), forgets deleted ones, and leaves the rest alone.
@@ -93,6 +107,10 @@ class Updating:
         point of an unmounted drive looks like; the root too), are kept and reported in
         ``unreadable`` and ``empty``: they are out of reach, maybe not deleted. A folder deleted
         with its files is a deletion like any other.
+
+        Files the ignore rules exclude (see :mod:`mocoretrieval.ignore`) are not indexed, and
+        an indexed file they now exclude is removed, as if deleted, and listed in
+        ``excluded_removed`` as well; excluded folders are not entered.
 
         Each batch is committed as it is embedded, so an interrupted update keeps its work and
         the next one continues from there. An unchanged folder costs a walk and no model work.
@@ -105,26 +123,51 @@ class Updating:
             progress: called as ``progress(done, total)`` after each batch of files to embed.
             prune_empty: forget the files of folders that list nothing as well (they were
                 really deleted, not unmounted).
+            exclude: gitignore patterns, relative to the root, to leave out; kept in the
+                manifest for the next updates. None keeps the index's; ``[]`` drops them.
+
+        Raises:
+            IgnoreRuleError: a pattern is malformed or an ignore file unreadable; nothing is
+                changed.
         """
         t0 = time.perf_counter()
         report = UpdateReport()
         with UpdateLock(self.path):
             self._sync()  # the manifest as the last writer left it, not as this one read it
             self._writable()
+            patterns = list(self.manifest.get("exclude", []) if exclude is None else exclude)
+            # The walk first: a malformed pattern, like a bad index type, changes nothing.
+            stats, problems, report.unreadable, excluded = self._walk(patterns)
+            requested = self._pending_index_type
+            if requested is not None:  # before any model work: fail fast, change nothing
+                ann.check_buildable(
+                    requested,
+                    len(stats),
+                    int(self._pending_reset[0].dim) if self._pending_reset else self.dim,
+                )
             if self._pending_reset is not None:
                 self._reset(*self._pending_reset)
                 self._pending_reset = None
-            requested = self._pending_index_type
-            stats, problems, report.unreadable = self._walk()
-            if requested is not None:  # before any model work: fail fast, change nothing
-                ann.check_buildable(requested, len(stats), self.dim)
+            report.excluded = count_excluded(excluded)
+            if patterns != self.manifest.get("exclude", []):
+                # Kept before the removals they cause: an interrupted run keeps the new rules.
+                self.manifest["exclude"] = patterns
+                self._save_manifest()
             known = self.store.files()
             gone = sorted(
                 p
                 for p in set(known) - set(stats) - set(problems)
                 if not under(p, report.unreadable)
             )
-            held = {} if prune_empty else empty_folders(self.root, gone, exclude=[self.path])
+            report.excluded_removed = [p for p in gone if excluding_rule(p, excluded)]
+            now_excluded = set(report.excluded_removed)
+            held = (
+                {}
+                if prune_empty
+                else empty_folders(
+                    self.root, [p for p in gone if p not in now_excluded], exclude=[self.path]
+                )
+            )
             kept = {p for paths in held.values() for p in paths}
             report.removed = [p for p in gone if p not in kept]
             report.empty = {display(folder): len(paths) for folder, paths in held.items()}
@@ -187,24 +230,33 @@ class Updating:
                 ) from e
             self._pending_index_type = None
             self.manifest["last_update"] = now()
+            self.manifest["excluded"] = report.excluded
             self._save_manifest()
         report.seconds = time.perf_counter() - t0
         n = len(report.added) + len(report.updated) + report.num_skipped
         report.images_per_s = n / report.seconds if n else 0.0
         self.last_report = report
         log.info(
-            "update: %d added, %d updated, %d removed, %d skipped",
+            "update: %d added, %d updated, %d removed (%d of them now excluded), %d skipped, "
+            "%d files and %d folders excluded",
             len(report.added),
             len(report.updated),
             len(report.removed),
+            len(report.excluded_removed),
             report.num_skipped,
+            *report.num_excluded,
         )
         return report
 
-    def _walk(self) -> tuple[dict[str, FileStat], dict[str, tuple[str, FileStat]], dict[str, str]]:
+    def _walk(
+        self, patterns: Sequence[str]
+    ) -> tuple[
+        dict[str, FileStat], dict[str, tuple[str, FileStat]], dict[str, str], dict[str, Rule]
+    ]:
         """``(readable images -> size and mtime, unusable image entries -> (reason, stat),
-        folders that could not be listed -> reason)``."""
-        scan = scan_images(self.root, exclude=[self.path])
+        folders that could not be listed -> reason, what the ignore rules excluded -> rule)``,
+        with ``patterns`` as the ``--exclude`` patterns."""
+        scan = scan_images(self.root, exclude=[self.path], patterns=patterns)
         stats = {rel: FileStat(st.st_size, st.st_mtime_ns) for rel, st in scan.files.items()}
         problems: dict[str, tuple[str, FileStat]] = {}
         for rel, reason in scan.problems.items():
@@ -213,7 +265,7 @@ class Updating:
                 problems[rel] = (reason, FileStat(st.st_size, st.st_mtime_ns))
             except (OSError, ValueError):  # e.g. the escaped name of a non-UTF-8 file
                 problems[rel] = (reason, FileStat(0, 0))
-        return stats, problems, scan.unreadable
+        return stats, problems, scan.unreadable, scan.excluded
 
     def _record_problems(
         self,
