@@ -35,6 +35,10 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "mocoretrieval" / "onnx"
 
 
+# Config fields that do not shape the exported graph: exports of the same weights share a file.
+KEY_IGNORES = ("source", "paper", "extra")
+
+
 def cache_key(
     encoder: MoCoEncoder, quantize: str | None = None, calibrated_on: str | None = None
 ) -> str:
@@ -44,7 +48,7 @@ def cache_key(
     folder), since its activation ranges are those of these images.
     """
     config = encoder.config.to_dict()
-    graph = {k: v for k, v in config.items() if k not in ("source", "paper", "extra")}
+    graph = {k: v for k, v in config.items() if k not in KEY_IGNORES}
     graph["format_version"] = FORMAT_VERSION
     digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:8]
     stem = f"{encoder.weights_hash()[:32]}-{digest}"
