@@ -7,6 +7,7 @@ the `eval` subcommand: the dependency goes one way.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -44,3 +45,12 @@ def add_backend_arguments(p: argparse.ArgumentParser) -> None:
         help="inference backend: auto (default) runs onnxruntime on CPU, exporting the model "
         "once into ~/.cache/mocoretrieval/onnx, and torch on a GPU",
     )
+
+
+def shown(path: str) -> str:
+    """A result path as the table shows it: relative to the current folder when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+INDEX_HELP = "index directory or indexed folder (default: found here or in a parent folder)"
