@@ -7,21 +7,17 @@ and rebuilt from them — never by the model — when it is missing, corrupt or 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
-
 from . import ann
 from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, pairs_of
 from .embedder import DeferredModel, Embedder
 from .encoder_pin import EncoderPin, Model
-from .errors import ImageError, IndexChangedError, MoCoRetrievalError
+from .errors import IndexChangedError, MoCoRetrievalError
 from .faiss_file import FaissFile
 from .layout import (
     DATABASE,
@@ -36,6 +32,7 @@ from .layout import (
     write_json_atomic,
 )
 from .pathsafety import display, file_key, inside_root
+from .reads import Reading
 from .search import DuplicateGroup, Query, Searching, SearchResult
 from .store import Store
 from .update import UpdateReport, Updating
@@ -57,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ImageIndex(EncoderPin, Searching, Updating):
+class ImageIndex(EncoderPin, Searching, Reading, Updating):
     """A searchable, incrementally updated index of every image under a root folder.
 
     Use :meth:`build` (create or reuse, then update), :meth:`create` or :meth:`open`; the
@@ -357,97 +354,6 @@ class ImageIndex(EncoderPin, Searching, Updating):
             self._writable()
             self.store.remove(list(paths))
             self.faiss.refresh(save=True)
-
-    # --- what the index holds -------------------------------------------------------------
-
-    def paths(self) -> list[str]:
-        """The indexed images (embedded, not skipped), relative to the root, POSIX, sorted."""
-        self._sync()
-        return [
-            norm
-            for rel, record in sorted(self.store.files().items())
-            if record.vector_id is not None and (norm := inside_root(rel)) is not None
-        ]
-
-    def __contains__(self, path: object) -> bool:
-        """Whether ``path`` (relative to the root, as :meth:`paths` lists it) is embedded."""
-        if not isinstance(path, str):
-            return False
-        self._sync()
-        record = self.store.file(path)
-        return record is not None and record.vector_id is not None
-
-    def vector(self, path: str) -> np.ndarray:
-        """The stored embedding of an indexed image, ``(dim,)`` float32 and L2-normalised:
-        search with it to find the images most like one of the index, without decoding it.
-
-        Args:
-            path: the image's path relative to the root, as :meth:`paths` gives it.
-
-        Raises:
-            ImageError: the image is not in the index (never indexed, skipped, or removed).
-        """
-        self._sync()
-        vector = self.store.vector(path)
-        if vector is None:
-            raise ImageError(
-                f"not in the index of {self.root}: pass a path relative to the root as "
-                "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
-                path,
-            )
-        return vector
-
-    def thumbnail(self, path: str) -> Image.Image:
-        """The thumbnail stored for an indexed image when it was embedded (its longest side at
-        most :data:`~mocoretrieval.embed.DEFAULT_THUMBNAIL_SIZE`).
-
-        It is given only while the file is as it was then (same size and modification time):
-        an edited file's stored thumbnail shows its old content.
-
-        Args:
-            path: the image's path relative to the root, as :meth:`paths` and
-                :attr:`SearchResult.relpath` give it.
-
-        Raises:
-            ImageError: the image is not indexed, has no stored thumbnail (an index built
-                before thumbnails were stored), is gone or changed since it was indexed; make
-                a thumbnail from the file instead, or update the index.
-        """
-        stored = self.store.thumbnails([path]).get(path)
-        if stored is None:
-            record = self.store.file(path)
-            if record is None or record.vector_id is None:
-                raise ImageError(
-                    f"not in the index of {self.root}: pass a path relative to the root as "
-                    "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
-                    path,
-                )
-            raise ImageError(
-                "no stored thumbnail (indexed before thumbnails were stored): make one from "
-                "the file, or re-index with --rebuild to store them",
-                path,
-            )
-        norm = inside_root(path)
-        if norm is None:
-            raise ImageError("not inside the indexed root", path)
-        try:
-            st = os.stat(self.root / norm)
-        except OSError:
-            raise ImageError("file not found (moved or deleted since indexing?)", path) from None
-        if (st.st_size, st.st_mtime_ns) != tuple(stored.stat):
-            raise ImageError(
-                "changed since it was indexed: run `mocoretrieval index` to update the index, "
-                "or make a thumbnail from the file",
-                path,
-            )
-        try:
-            image = Image.open(io.BytesIO(stored.jpeg))
-            image.load()
-        except Exception as e:  # noqa: BLE001 - a damaged blob: say so, with the fix
-            raise ImageError(
-                f"its stored thumbnail is damaged ({e}): re-index with --rebuild", path
-            ) from None
-        return image
 
     def info(self) -> dict[str, Any]:
         """Model, count, dimension, index type, last update, skipped and excluded files.
