@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import os
-import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +25,14 @@ from typing import Any
 
 from .duplicates import file_hash
 from .errors import IndexBusyError, MoCoRetrievalError
+from .journal import Journal, journals
 from .layout import now
 from .pathsafety import display
-from .safemove import TRASH_HELP, fsync_dir, locate_trashed, move_file, send_to_trash
+from .safemove import TRASH_HELP, locate_trashed, move_file, send_to_trash
 
 log = logging.getLogger(__name__)
 
 KEEP_RULES = ("largest", "oldest", "newest")  # or a glob pattern (see `keeper`)
-JOURNALS = "journals"  # folder of the index directory
 
 
 # --- which copy to keep ---------------------------------------------------------------------
@@ -153,47 +150,6 @@ def suggest(
             continue
         out.append(Proposal(gid, tier, [chosen], [p for p in paths if p != chosen]))
     return out
-
-
-# --- the journal ------------------------------------------------------------------------------
-
-
-class Journal:
-    """One clean-up's journal: JSON lines appended and fsynced one by one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @classmethod
-    def create(cls, index_dir: Path) -> Journal:
-        folder = index_dir / JOURNALS
-        folder.mkdir(exist_ok=True)
-        # Names sort in time order: `undo` takes the last.
-        path = folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.jsonl"
-        path.touch(exist_ok=False)
-        fsync_dir(folder)
-        return cls(path)
-
-    def write(self, **record: Any) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash: its file was not touched
-                log.warning("%s: ignoring a torn line", self.path)
-        return out
-
-
-def journals(index_dir: Path) -> list[Path]:
-    """The journals of an index, oldest first."""
-    folder = index_dir / JOURNALS
-    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
 
 
 # --- apply and undo ---------------------------------------------------------------------------
