@@ -65,6 +65,10 @@ class PretrainConfig:
     shuffle_bn_groups: int = 8
     # [v3] trains with SyncBN across processes (full-batch statistics).
     sync_bn: bool = False
+    # [v1]/[v2] with [demo]'s symmetric loss: each view is also the query of the other view's
+    # key, and both views' keys are enqueued; twice the work of a step, more signal per image.
+    # [v3]'s loss is always symmetric.
+    symmetric: bool = False
 
     # --- optimisation ---
     epochs: int = 200  # [v1]/[v2]; [v3] 100 (R50) / 300 (ViT)
@@ -128,6 +132,8 @@ class PretrainConfig:
             raise ConfigError(f"lr_schedule must be step or cosine, got {self.lr_schedule!r}")
         if self.version == "v3" and self.queue_size:
             raise ConfigError("MoCo v3 has no queue: set queue_size=0")
+        if self.version == "v3" and self.symmetric:
+            raise ConfigError("MoCo v3's loss is always symmetric: leave symmetric unset")
         if self.version != "v3" and self.queue_size < 1:
             raise ConfigError(f"MoCo {self.version} needs a queue: set queue_size > 0")
         if self.version == "v3" and self.pred_layers < 1:

@@ -139,6 +139,22 @@ class MoCo(MomentumPair):
         return loss
 
 
+class SymmetricMoCo(MoCo):
+    """MoCo v1/v2 with [demo]'s symmetric loss: ``ctr(q1, k2) + ctr(q2, k1)`` against one queue,
+    and both views' keys enqueued after it."""
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        q1 = F.normalize(project(self.base_encoder, x1), dim=1)  # (N, C)
+        q2 = F.normalize(project(self.base_encoder, x2), dim=1)  # (N, C)
+        with torch.no_grad():
+            self.momentum_update(m)
+            k1, k2 = self.shuffled_keys(x1), self.shuffled_keys(x2)  # (N, C) each
+        queue = self.queue.clone()
+        loss = info_nce_queue(q1, k2, queue, self.T) + info_nce_queue(q2, k1, queue, self.T)
+        self.enqueue(dist.all_gather(torch.cat([k1, k2])))
+        return loss
+
+
 class MoCoV3(MomentumPair):
     """MoCo v3: no queue; a predictor on the queries and a symmetric loss over batch keys."""
 
@@ -171,4 +187,5 @@ def build_moco(cfg: PretrainConfig, mean=None, std=None, world_size: int = 1) ->
             "processes; use a multiple or divisor of the number of processes"
         )
     splits = max(1, cfg.shuffle_bn_groups // world_size)
-    return MoCo(encoder, cfg.dim, cfg.queue_size, cfg.T, bn_splits=splits)
+    cls = SymmetricMoCo if cfg.symmetric else MoCo
+    return cls(encoder, cfg.dim, cfg.queue_size, cfg.T, bn_splits=splits)

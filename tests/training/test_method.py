@@ -119,6 +119,36 @@ def test_loss_is_info_nce_against_the_queue_before_this_batch(version):
     assert all(p.grad is None for p in model.momentum_encoder.parameters())
 
 
+def test_symmetric_v2_loss_swaps_the_views_and_enqueues_both_keys():
+    """``symmetric=True`` ([demo]): ``ctr(q1, k2) + ctr(q2, k1)`` against the queue before the
+    batch, then the keys of both views enqueued (view 1's first).
+
+    Fails when one of the two terms is dropped (checked: loss = the first term only), when the
+    keys are enqueued before the loss (checked), and when only ``k2`` is enqueued (checked)."""
+    model = _tiny("v2", symmetric=True)
+    base, momentum = _reference(model)
+    queue = model.queue.clone()  # (C, K)
+    x1, x2 = _views()
+    q1, q2 = F.normalize(_project(base, x1), dim=1), F.normalize(_project(base, x2), dim=1)
+    with torch.no_grad():
+        k1 = F.normalize(_project(momentum, x1), dim=1)  # (N, C)
+        k2 = F.normalize(_project(momentum, x2), dim=1)
+
+    def ctr(q, k):
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / model.T
+        return F.cross_entropy(logits, torch.zeros(N, dtype=torch.long))
+
+    expected = ctr(q1, k2) + ctr(q2, k1)
+    loss = model(x1, x2, M)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert int(model.queue_ptr) == 2 * N
+    torch.testing.assert_close(model.queue[:, : 2 * N].T, torch.cat([k1, k2]), atol=1e-5, rtol=1e-4)
+    loss.backward()
+    expected.backward()
+    for p, ref in zip(model.base_encoder.parameters(), base.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, atol=1e-5, rtol=1e-3)
+
+
 # --- MoCo v3: momentum update, predictor, symmetric loss -------------------------------------
 
 
