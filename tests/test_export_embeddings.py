@@ -30,13 +30,19 @@ def indexed(tmp_path_factory):
     make_images(root / "sub", 4, seed=1)
     shutil.copy(root / "img_0001.png", root / "sub" / "a, b.png")
     index = ImageIndex.build(root, tmp / "encoder", workers=0, store_dtype="float16")
+    # Re-embedded files get new, higher ids: the store's row order is no longer path order.
+    for name, new in zip(["img_0000.jpg", "img_0002.jpg"], make_images(tmp / "new", 3, seed=7)):
+        shutil.copy(new, root / name)
+    assert len(index.update(workers=0).updated) == 2
     yield index
     index.close()
 
 
 def _read_export(out) -> tuple[dict, np.ndarray, list[tuple[str, str]]]:
     manifest = json.loads((out / EXPORT_MANIFEST).read_text())
-    arrays = [np.load(out / c["file"]) for c in manifest["chunks"]]
+    names = sorted(p.name for p in out.glob("vectors-*.npy"))
+    assert names == [c["file"] for c in manifest["chunks"]]
+    arrays = [np.load(out / name) for name in names]  # in name order, as documented
     with open(out / PATHS_FILE, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["row", "path"]
@@ -46,19 +52,20 @@ def _read_export(out) -> tuple[dict, np.ndarray, list[tuple[str, str]]]:
 def test_the_export_round_trips_vectors_and_paths(indexed, tmp_path):
     """Catches chunks written out of order or misaligned with paths.csv (each row's vector must
     be its file's stored vector), and a chunking that drops or repeats rows."""
-    report = export_embeddings(indexed.path, tmp_path / "out", chunk_rows=3)
+    report = export_embeddings(indexed.path, tmp_path / "out", chunk_rows=4)
     manifest, vectors, rows = _read_export(tmp_path / "out")
     n = len(indexed)
     assert report.count == manifest["count"] == n == 11 and len(rows) == n
     assert report.chunks == [c["file"] for c in manifest["chunks"]]
-    assert [c["rows"] for c in manifest["chunks"]] == [3, 3, 3, 2]
-    assert [c["first_row"] for c in manifest["chunks"]] == [0, 3, 6, 9]
+    assert [c["rows"] for c in manifest["chunks"]] == [4, 4, 3]
+    assert [c["first_row"] for c in manifest["chunks"]] == [0, 4, 8]
     assert manifest["dim"] == indexed.dim and manifest["dtype"] == "float16" == vectors.dtype
     assert manifest["model"]["weights_hash"] == indexed.info()["weights_hash"]
     assert manifest["root"] == str(indexed.root)
     np.testing.assert_array_equal(vectors.astype(np.float32), indexed.store.all_vectors()[1])
     assert [int(r) for r, _ in rows] == list(range(n))
     assert sorted(p for _, p in rows) == sorted(indexed.store.files())
+    assert [p for _, p in rows] != sorted(p for _, p in rows)  # row order is the store's
     assert "sub/a, b.png" in {p for _, p in rows}
     for (_, path), vector in zip(rows, vectors):
         np.testing.assert_array_equal(vector.astype(np.float32), indexed.store.vector(path))
