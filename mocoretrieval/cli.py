@@ -18,6 +18,7 @@ from .cli_common import Progress, add_backend_arguments, notify
 from .cli_common import shown as _shown
 from .cli_dedupe import add_duplicates as _add_duplicates
 from .cli_dedupe import add_undo as _add_undo
+from .cli_export import add_export_embeddings as _add_export_embeddings
 from .errors import MoCoRetrievalError
 
 
@@ -135,6 +136,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         notify=None if args.quiet else notify,
         index_type=args.index_type,
         rebuild=args.rebuild,
+        store_dtype=args.store_dtype,
     )
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     progress = Progress(args.quiet)
@@ -274,6 +276,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rebuild", action="store_true", help="forget every embedding and start over")
     p.add_argument(
+        "--store-dtype",
+        choices=("float32", "float16"),
+        help="how the index stores the vectors: float32 (the default for a new index) or float16, "
+        "half the disk for large collections; searches read float32 back. Kept for later runs; "
+        "changing it re-embeds everything and needs --rebuild",
+    )
+    p.add_argument(
         "--prune-empty",
         action="store_true",
         help="also forget the images of folders that are now empty; by default an empty folder "
@@ -339,6 +348,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_duplicates,
     _add_undo,
     _add_info,
+    _add_export_embeddings,
     _add_eval,
     _add_serve,
 ]

@@ -201,8 +201,12 @@ def stored_vectors(
                 wanted[record.vector_id] = path
         if not wanted:
             return {}
-        ids, vectors = store.all_vectors()
-        return {wanted[int(i)]: v for i, v in zip(ids, vectors) if int(i) in wanted}
+        found: dict[str, np.ndarray] = {}
+        wanted_ids = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
+        for ids, vectors in store.iter_vectors():  # chunk by chunk: only the wanted ones kept
+            keep = np.isin(ids, wanted_ids)
+            found.update(zip((wanted[int(i)] for i in ids[keep]), vectors[keep]))
+        return found
     finally:
         store.close()
 

@@ -35,6 +35,7 @@ from .pathsafety import display, file_key, inside_root
 from .reads import Reading
 from .search import DuplicateGroup, Query, Searching, SearchResult
 from .store import Store
+from .store_db import check_dtype
 from .update import UpdateReport, Updating
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         device: str | None = None,
         *,
         readonly: bool = True,
+        store_dtype: str | None = None,
     ) -> None:
         self.path = index_dir
         self.manifest = manifest
@@ -84,7 +86,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         root = Path(manifest["root"])
         self.root = root if root.is_absolute() else (index_dir / root).resolve()
         self.dim = int(manifest["encoder"]["dim"])
-        self.store = Store(index_dir / DATABASE, self.dim, readonly=readonly)
+        self.store = Store(index_dir / DATABASE, self.dim, readonly=readonly, dtype=store_dtype)
         self._encoder = encoder
         self._deferred: DeferredModel | None = None
         self._device = device
@@ -94,6 +96,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         # re-embed everything with, and a FAISS factory string to switch to.
         self._pending_reset: tuple[Embedder, str | None] | None = None
         self._pending_index_type: str | None = None
+        self._pending_store_dtype: str | None = None  # with a reset: the store's new encoding
 
     # --- creating and opening -------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         index_type: str | None = None,
         rebuild: bool = False,
         device: str | None = None,
+        store_dtype: str | None = None,
     ) -> ImageIndex:
         """Creates the index of ``root``, or reuses the one already there.
 
@@ -122,14 +126,22 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
                 new index).
             rebuild: forget every embedding and start over (e.g. with another model).
             device: torch device for the model; None picks one.
+            store_dtype: how the store keeps the vectors, ``float32`` or ``float16`` (half the
+                disk; searches read float32 back). Recorded at creation; None keeps the
+                existing index's (``float32`` for a new one). Another than the recorded one
+                needs ``rebuild``, which re-embeds every image.
 
         Raises:
             ModelMismatchError: ``model`` is not the model the existing index was built with.
+            MoCoRetrievalError: ``store_dtype`` differs from the existing index's without
+                ``rebuild``.
         """
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
             raise MoCoRetrievalError(f"{root} is not a folder: pass the folder of images to index")
         index_dir = Path(index_dir).expanduser().resolve() if index_dir else root / DEFAULT_DIRNAME
+        if store_dtype is not None:
+            check_dtype(store_dtype)
         if (index_dir / MANIFEST).is_file():
             index = cls.open(index_dir, device=device)
             if index.root != root:
@@ -138,6 +150,14 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
                     "pass another --index DIR"
                 )
             dim = index.dim
+            if store_dtype is not None and store_dtype != index.store.dtype:
+                if not rebuild:
+                    raise MoCoRetrievalError(
+                        f"the index at {index_dir} stores its vectors as {index.store.dtype}; "
+                        f"to store them as {store_dtype}, re-embed every image with --rebuild "
+                        f"--store-dtype {store_dtype} (or pass another --index DIR)"
+                    )
+                index._pending_store_dtype = store_dtype
             if rebuild:
                 own = model is None or isinstance(model, DeferredModel)
                 index._pending_reset = index._load_with(
@@ -184,7 +204,14 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
                     f"another process created an index at {index_dir} meanwhile; run the "
                     "command again to update that one"
                 )
-            index = cls(index_dir, manifest, encoder=encoder, device=device, readonly=False)
+            index = cls(
+                index_dir,
+                manifest,
+                encoder=encoder,
+                device=device,
+                readonly=False,
+                store_dtype=store_dtype,
+            )
             write_json_atomic(index_dir / MANIFEST, manifest)  # last: the database exists
             index._manifest_key = file_key(index_dir / MANIFEST)
         return index
@@ -204,10 +231,17 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         progress: Callable[[int, int], None] | None = None,
         prune_empty: bool = False,
         exclude: Sequence[str] | None = None,
+        store_dtype: str | None = None,
     ) -> ImageIndex:
         """:meth:`create` then :meth:`update`; the update's report is in ``.last_report``."""
         index = cls.create(
-            root, model, index_dir, index_type=index_type, rebuild=rebuild, device=device
+            root,
+            model,
+            index_dir,
+            index_type=index_type,
+            rebuild=rebuild,
+            device=device,
+            store_dtype=store_dtype,
         )
         index.update(
             batch_size=batch_size,
@@ -372,6 +406,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
             "weights_hash": encoder["weights_hash"],
             "count": self.store.count(),
             "dim": self.dim,
+            "store_dtype": self.store.dtype,
             "metric": self.manifest["metric"],
             "index_type": faiss_entry.get("factory"),
             "requested_index_type": self.manifest["index_type"],

@@ -269,6 +269,7 @@ def open_index(
     notify: Callable[[str], None] | None = None,
     index_type: str | None = None,
     rebuild: bool = False,
+    store_dtype: str | None = None,
 ) -> ImageIndex:
     """Opens an index with a model and backend: the one way the CLI and the app open one.
 
@@ -285,13 +286,17 @@ def open_index(
             embedder; None: the index's own model (the default model for a new index).
         backend, device, quantize, cache_dir, notify: see :func:`load_backend`; ``quantize``
             (int8) is calibrated on a sample of ``root``.
-        index_type, rebuild: see :meth:`ImageIndex.create` (with ``root`` only).
+        index_type, rebuild, store_dtype: see :meth:`ImageIndex.create` (with ``root`` only).
 
     Raises:
         MoCoRetrievalError: no index there, a model other than the index's, a bad backend...
     """
-    if root is None and (quantize is not None or index_type is not None or rebuild):
-        raise MoCoRetrievalError("quantize, index_type and rebuild apply when indexing a root")
+    if root is None and (
+        quantize is not None or index_type is not None or rebuild or store_dtype is not None
+    ):
+        raise MoCoRetrievalError(
+            "quantize, index_type, rebuild and store_dtype apply when indexing a root"
+        )
     root = Path(root).expanduser() if root is not None else None
     index = Path(index).expanduser() if index is not None else None
     embedder = index_model(
@@ -307,5 +312,11 @@ def open_index(
     if root is None:
         return ImageIndex.open(index, model=embedder, device=device)
     return ImageIndex.create(
-        root, embedder, index, index_type=index_type, rebuild=rebuild, device=device
+        root,
+        embedder,
+        index,
+        index_type=index_type,
+        rebuild=rebuild,
+        device=device,
+        store_dtype=store_dtype,
     )

@@ -19,16 +19,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import IndexFormatError
+from .errors import IndexFormatError, MoCoRetrievalError
 from .store_db import (
+    DEFAULT_STORE_DTYPE,
     NOT_DUPLICATES_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
     THUMBNAILS_SCHEMA,
     VectorSnapshot,
+    check_dtype,
     connect_readonly,
     database_error,
     decode_vectors,
+    encode_vectors,
+    read_dtype,
+    write_dtype,
 )
 
 # Values per ``IN (...)`` list: SQLite caps the parameters of one statement (999 before 3.32).
@@ -65,9 +70,17 @@ class Store:
         path: the database file; created with its schema when missing.
         dim: the embedding dimension, checked on every write.
         readonly: open without writing anything (searching a read-only index).
+        dtype: how a new database holds its vectors, ``float32`` (the default) or ``float16``
+            (half the bytes); an existing one keeps the encoding it records (:meth:`clear`
+            changes it). Vectors are read back as float32 either way.
+
+    Raises:
+        MoCoRetrievalError: ``dtype`` is not the encoding of the existing database.
     """
 
-    def __init__(self, path: str | Path, dim: int, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, dim: int, *, readonly: bool = False, dtype: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.dim = int(dim)
         self._lock = threading.Lock()  # one connection shared by threads (e.g. a web app)
@@ -81,13 +94,20 @@ class Store:
                 # cut, not only a process crash (https://www.sqlite.org/wal.html).
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-                self._create_schema()
+                self._create_schema(check_dtype(dtype or DEFAULT_STORE_DTYPE))
             self._check_schema()
+            recorded = read_dtype(self._db, self.path)
             if not readonly:
                 with self._db:
                     self._db.executescript(THUMBNAILS_SCHEMA + NOT_DUPLICATES_SCHEMA)
         except sqlite3.Error as e:
             raise database_error(self.path, e) from e
+        if dtype is not None and dtype != recorded:
+            self._db.close()
+            raise MoCoRetrievalError(
+                f"{self.path} stores {recorded} vectors, not {dtype}: re-embed it to change "
+                "(`mocoretrieval index ROOT --rebuild --store-dtype ...`)"
+            )
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -99,13 +119,13 @@ class Store:
             except sqlite3.OperationalError as e:
                 raise database_error(self.path, e) from e
 
-    def _create_schema(self) -> None:
+    def _create_schema(self, dtype: str) -> None:
         with self._db:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._db.executescript(SCHEMA)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+                write_dtype(self._db, dtype)  # and the schema version that encoding needs
 
     def _check_schema(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -145,6 +165,12 @@ class Store:
             ).fetchone()
         return FileRecord(*row) if row else None
 
+    @property
+    def dtype(self) -> str:
+        """How the stored vectors are encoded, ``float32`` or ``float16``; read as float32."""
+        with self._lock:
+            return read_dtype(self._db, self.path)
+
     def count(self) -> int:
         """Number of stored vectors (= embedded files)."""
         with self._lock:
@@ -163,12 +189,13 @@ class Store:
         last = -1
         while True:
             with self._lock:
+                dtype = read_dtype(self._db, self.path)
                 rows = self._db.execute(
                     "SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
                 ).fetchall()
             if not rows:
                 return
-            ids, vectors = decode_vectors(rows, self.dim, self.path)
+            ids, vectors = decode_vectors(rows, self.dim, self.path, dtype)
             yield ids, vectors
             last = int(ids[-1])
 
@@ -220,13 +247,14 @@ class Store:
                     self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
                 )
                 n = self._db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+                dtype = read_dtype(self._db, self.path)
                 ids = np.empty(n, dtype=np.int64)
                 vectors = np.empty((n, self.dim), dtype=np.float32)
                 cursor = self._db.execute("SELECT id, vector FROM vectors ORDER BY id")
                 i = 0
                 while rows := cursor.fetchmany(chunk):
                     ids[i : i + len(rows)], vectors[i : i + len(rows)] = decode_vectors(
-                        rows, self.dim, self.path
+                        rows, self.dim, self.path, dtype
                     )
                     i += len(rows)
             finally:
@@ -256,12 +284,13 @@ class Store:
     def vector(self, path: str) -> np.ndarray | None:
         """The stored embedding of one file, ``(dim,)`` float32, or None if it has none."""
         with self._lock:
+            dtype = read_dtype(self._db, self.path)
             row = self._db.execute(
                 "SELECT v.id, v.vector FROM files f JOIN vectors v ON v.id = f.vector_id "
                 "WHERE f.path=?",
                 (path,),
             ).fetchone()
-        return None if row is None else decode_vectors([row], self.dim, self.path)[1][0]
+        return None if row is None else decode_vectors([row], self.dim, self.path, dtype)[1][0]
 
     def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
         """The stored thumbnails of embedded files, by relative path (files without one, or an
@@ -346,8 +375,9 @@ class Store:
         thumbs = thumbnails or [None] * len(paths)
         now = time.time()
         with self._writing():
+            encoded = encode_vectors(vectors, read_dtype(self._db, self.path))
             self._delete_vectors_of([*paths, *(s[0] for s in skipped)])
-            for path, vector, stat, thumb in zip(paths, vectors, stats, thumbs):
+            for path, vector, stat, thumb in zip(paths, encoded, stats, thumbs):
                 cur = self._db.execute(
                     "INSERT INTO vectors (vector) VALUES (?)", (vector.tobytes(),)
                 )
@@ -373,12 +403,19 @@ class Store:
             self._db.executemany("DELETE FROM files WHERE path=?", [(p,) for p in paths])
             self._bump_generation()
 
-    def clear(self) -> None:
-        """Forgets every file and vector (a rebuild with another model)."""
+    def clear(self, dtype: str | None = None) -> None:
+        """Forgets every file and vector (a rebuild with another model), in one transaction.
+
+        Args:
+            dtype: store the vectors from now on as ``float32`` or ``float16``; None keeps the
+                store's encoding.
+        """
         with self._writing():
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM vectors")
             self._db.execute("DELETE FROM thumbnails")
+            if dtype is not None:
+                write_dtype(self._db, dtype)
             self._bump_generation()
 
     def vacuum_if_sparse(self, fraction: float = 0.25) -> bool:

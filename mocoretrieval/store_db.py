@@ -15,7 +15,14 @@ import numpy as np
 
 from .errors import DiskFullError, IndexChangedError, IndexFormatError, MoCoRetrievalError
 
-SCHEMA_VERSION = 1
+# The newest schema this code reads. A float32 store is created at version 1, which every
+# release reads; a float16 one at version 2, so that a release from before float16 refuses it
+# with "upgrade" instead of misreading its 2-byte values as a vector of another dimension.
+SCHEMA_VERSION = 2
+# Vector encodings a store can hold -> the schema version a store of that encoding is made at.
+STORE_DTYPES = {"float32": 1, "float16": 2}
+DEFAULT_STORE_DTYPE = "float32"
+_LITTLE_ENDIAN = {"float32": "<f4", "float16": "<f2"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,              -- POSIX path relative to the indexed root
@@ -29,8 +36,10 @@ CREATE TABLE IF NOT EXISTS files (
 -- point at another file's row.
 CREATE TABLE IF NOT EXISTS vectors (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vector BLOB NOT NULL                -- float32, little-endian, L2-normalised
+    vector BLOB NOT NULL                -- little-endian meta 'vector_dtype', L2-normalised
 );
+-- 'generation'; 'vector_dtype' (float32 or float16; absent in a store made before float16,
+-- which holds float32).
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Added after schema version 1 without bumping it: an extra table is invisible to older readers,
@@ -72,23 +81,70 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
 
-def decode_vectors(
-    rows: list[tuple[int, bytes]], dim: int, path: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids (n,) int64, vectors (n, dim) float32)`` of ``(id, blob)`` rows.
+def check_dtype(dtype: str) -> str:
+    """``dtype`` when a store can hold vectors of it; else a clear error."""
+    if dtype not in STORE_DTYPES:
+        raise MoCoRetrievalError(
+            f"cannot store vectors as {dtype!r}: choose one of {', '.join(STORE_DTYPES)}"
+        )
+    return dtype
+
+
+def read_dtype(db: sqlite3.Connection, path: Path) -> str:
+    """The vector encoding the database records (float32 when it records none: a store made
+    before float16 existed).
 
     Raises:
-        IndexChangedError: a blob is not ``dim`` floats: a writer re-embedded the index with
-            another model since its manifest was read.
+        IndexFormatError: an encoding this release does not know.
     """
-    if any(len(r[1]) != 4 * dim for r in rows):
+    row = db.execute("SELECT value FROM meta WHERE key='vector_dtype'").fetchone()
+    dtype = row[0] if row else DEFAULT_STORE_DTYPE
+    if dtype not in STORE_DTYPES:
+        raise IndexFormatError(
+            f"{path} stores vectors as {dtype!r}, which this mocoretrieval cannot read: "
+            "upgrade with `pip install -U mocoretrieval`"
+        )
+    return dtype
+
+
+def write_dtype(db: sqlite3.Connection, dtype: str) -> None:
+    """Records ``dtype`` and the schema version it needs, inside the caller's transaction."""
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('vector_dtype', ?)", (check_dtype(dtype),))
+    db.execute(f"PRAGMA user_version={STORE_DTYPES[dtype]}")
+
+
+def encode_vectors(vectors: np.ndarray, dtype: str) -> np.ndarray:
+    """``vectors`` (n, dim) as rows of ``dtype``, little-endian, ready for ``tobytes``.
+
+    Raises:
+        ValueError: a value is not finite, or not once narrowed to ``dtype`` (float16 holds
+            up to 65504; an L2-normalised vector never comes near).
+    """
+    encoded = np.ascontiguousarray(vectors, dtype=_LITTLE_ENDIAN[dtype])
+    if not np.isfinite(encoded).all():
+        raise ValueError(f"refusing to store non-finite (NaN or infinite) {dtype} vectors")
+    return encoded
+
+
+def decode_vectors(
+    rows: list[tuple[int, bytes]], dim: int, path: Path, dtype: str = DEFAULT_STORE_DTYPE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids (n,) int64, vectors (n, dim) float32)`` of ``(id, blob)`` rows of ``dtype``:
+    float32 whatever the store holds.
+
+    Raises:
+        IndexChangedError: a blob is not ``dim`` values of ``dtype``: a writer re-embedded the
+            index with another model (or another store dtype) since its manifest was read.
+    """
+    code = np.dtype(_LITTLE_ENDIAN[dtype])
+    if any(len(r[1]) != code.itemsize * dim for r in rows):
         raise IndexChangedError(
             f"{path} holds vectors of another dimension than {dim}: "
             "the index was re-embedded meanwhile; open it again"
         )
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-    return ids, vectors.astype(np.float32)  # a native, writable copy
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=code).reshape(len(rows), dim)
+    return ids, vectors.astype(np.float32)  # a native, writable float32 copy
 
 
 class VectorSnapshot:
@@ -103,6 +159,7 @@ class VectorSnapshot:
         generation: the store generation of these vectors.
         n: how many there are.
         dim: their dimension.
+        dtype: how the store holds them (``float32`` or ``float16``); read as float32.
     """
 
     def __init__(self, db: sqlite3.Connection, path: Path, dim: int, chunk: int) -> None:
@@ -112,13 +169,29 @@ class VectorSnapshot:
             db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
         )
         self.n = int(db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
+        self.dtype = read_dtype(db, path)  # as stored; every chunk comes out float32
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields ``(ids (m,) int64, vectors (m, dim) float32)`` in id order, m <= chunk."""
-        cursor = self._db.execute("SELECT id, vector FROM vectors ORDER BY id")
+        for ids, vectors, _ in self._rows("SELECT id, vector, NULL FROM vectors ORDER BY id"):
+            yield ids, vectors
+
+    def chunks_with_paths(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """:meth:`chunks` with each vector's file, a path relative to the root, alongside."""
+        yield from self._rows(
+            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.vector_id = v.id "
+            "ORDER BY v.id"
+        )
+
+    def _rows(self, query: str) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """``query``'s ``(id, blob, path)`` rows decoded, ``chunk`` at a time."""
+        cursor = self._db.execute(query)
         try:
             while rows := cursor.fetchmany(self.chunk):
-                yield decode_vectors(rows, self.dim, self.path)
+                ids, vectors = decode_vectors(
+                    [r[:2] for r in rows], self.dim, self.path, self.dtype
+                )
+                yield ids, vectors, [r[2] for r in rows]
         except sqlite3.Error as e:
             raise database_error(self.path, e) from e
         finally:

@@ -82,6 +82,7 @@ class Updating:
     _encoder: Embedder | None
     _pending_reset: tuple[Embedder, str | None] | None
     _pending_index_type: str | None
+    _pending_store_dtype: str | None
 
     # ImageIndex's: the model (loaded when first needed), reloading a manifest another process
     # replaced, writing it (under the lock), and the manifest's entry for an encoder.
@@ -286,8 +287,11 @@ class Updating:
             report.skipped.setdefault(reason, []).append(p)
 
     def _reset(self, encoder: Any, source: str | None) -> None:
-        """Forgets every embedding and pins ``encoder``; only under the lock."""
-        self.store.clear()  # first: a crash after it leaves an empty index, never a mixed one
+        """Forgets every embedding (switching the store's dtype when asked) and pins
+        ``encoder``; only under the lock."""
+        # First: a crash after it leaves an empty index, never a mixed one.
+        self.store.clear(self._pending_store_dtype)
+        self._pending_store_dtype = None
         self.dim = self.store.dim = int(encoder.dim)  # the store is empty: any dim fits
         self.manifest["encoder"] = self._encoder_entry(encoder, source)
         self.manifest["faiss"] = None
