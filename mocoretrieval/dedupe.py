@@ -26,7 +26,7 @@ from typing import Any
 from .duplicates import file_hash
 from .errors import IndexBusyError, MoCoRetrievalError
 from .journal import Journal, journals
-from .layout import now
+from .layout import UpdateLock, now
 from .pathsafety import display
 from .safemove import TRASH_HELP, locate_trashed, move_file, send_to_trash
 
@@ -314,10 +314,20 @@ def undo(
     file is reported, never overwritten (the moved copy stays where it is). A file the trash
     holds where this cannot find it is reported with where to look.
 
+    Like every writer it holds the index lock throughout: two undos never replay one journal
+    at once, and an update never walks a folder half put back.
+
     Raises:
+        IndexBusyError: another writer (`index`, `watch`, an undo) holds the lock; nothing
+            was changed.
         MoCoRetrievalError: no journal to undo.
     """
-    mover = mover or move_file
+    with UpdateLock(Path(index_dir)):
+        return _undo(Path(index_dir), mover or move_file)
+
+
+def _undo(index_dir: Path, mover: Callable[[Path, Path], None]) -> UndoReport:
+    """:func:`undo`, under the lock."""
     pending = [j for j in journals(Path(index_dir)) if not _undone(Journal(j).records())]
     if not pending:
         raise MoCoRetrievalError(f"nothing to undo: no clean-up journal in {index_dir}")

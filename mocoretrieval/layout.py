@@ -167,7 +167,8 @@ class UpdateLock:
             os.close(self.fd)
             self.fd = None
             raise IndexBusyError(
-                f"another `mocoretrieval index` is updating {self.file.parent}; wait for it to end"
+                f"another `mocoretrieval index`, `watch` or `undo` is writing to "
+                f"{self.file.parent}; wait for it to end and run this again"
             ) from None
         return self
 

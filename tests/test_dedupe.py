@@ -24,7 +24,9 @@ from PIL import Image
 
 from mocoretrieval import dedupe, duplicates
 from mocoretrieval.cli import main
+from mocoretrieval.errors import IndexBusyError
 from mocoretrieval.index import ImageIndex
+from mocoretrieval.layout import UpdateLock
 
 NEAR, SIMILAR = 0.999, 0.99
 INDEX_DIR = ".mocoretrieval"
@@ -262,6 +264,28 @@ def test_not_duplicates_are_kept_apart_pair_by_pair(library, capsys):
     assert _cli(root, "--not-duplicates", big.id) == 0  # by the group's id
     assert not any("b/big_3.png" in g.relpaths for g in index.duplicates(NEAR))
     assert "recorded 1 pair(s)" in capsys.readouterr().out
+
+
+def test_undo_refuses_while_another_writer_holds_the_lock(library, tmp_path, capsys):
+    """`undo` is a writer: while an update (or a watch, or another undo) holds the index lock
+    it changes nothing and says so, and runs once the lock is free. Broken on purpose: `undo`
+    without `UpdateLock`: the files move back under the running update and this fails."""
+    root, index = library
+    before = tree(root)
+    out = tmp_path / "out"
+    assert _cli(root, "--keep", "a/*", "--move-to", str(out)) == 0
+    moved = tree(out)
+    (journal,) = dedupe.journals(index.path)
+    lines = journal.read_text()
+    capsys.readouterr()
+    with UpdateLock(index.path):  # another writer is running
+        with pytest.raises(IndexBusyError, match="another"):
+            dedupe.undo(index.path)
+        assert main(["undo", "--index", str(root)]) == 1
+        assert "wait for it to end" in capsys.readouterr().err
+    assert tree(out) == moved and journal.read_text() == lines  # nothing touched
+    assert main(["undo", "--index", str(root)]) == 0  # the lock is free again
+    assert {k: v[0] for k, v in tree(root).items()} == {k: v[0] for k, v in before.items()}
 
 
 def test_undo_never_overwrites(library, tmp_path, capsys):
