@@ -126,6 +126,7 @@ def _count(n: int, noun: str) -> str:
 def _cmd_index(args: argparse.Namespace) -> int:
     from .models import open_index
 
+    exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     index = open_index(
         args.index,
         root=args.root,
@@ -137,8 +138,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         index_type=args.index_type,
         rebuild=args.rebuild,
         store_dtype=args.store_dtype,
+        exclude=exclude,  # int8 calibration leaves out what the update will
     )
-    exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     progress = Progress(args.quiet)
     try:
         report = index.update(

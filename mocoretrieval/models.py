@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -185,6 +185,7 @@ def index_model(
     quantize: str | None = None,
     cache_dir: str | Path | None = None,
     notify: Callable[[str], None] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> ModelArg:
     """The ``model`` to give :class:`~mocoretrieval.index.ImageIndex` for the chosen backend.
 
@@ -200,6 +201,8 @@ def index_model(
         index_dir: the index directory, or an indexed folder; None looks in ``root`` (or the
             current folder and its parents when ``root`` is None too).
         root: the image folder being indexed; int8 is calibrated on a sample of its images.
+        exclude: the ``--exclude`` patterns of this run, which int8 calibration leaves out like
+            the update does; None: the existing index's (none for a new index).
     """
     requested = device
     chosen, device = choose_backend("onnx" if quantize and backend == "auto" else backend, device)
@@ -235,13 +238,9 @@ def index_model(
             model = read_manifest(found)["encoder"]["source"]  # int8: calibrated now
             if model is None:
                 return None  # built with an unsaved encoder: the index says what to do
-    calibration = None
+    calibration, calibrated_on = None, None
     if quantize is not None and root is not None:
-        from .data import walk_images
-
-        # Hidden folders, the default index among them, are never walked.
-        skip = [Path(index_dir)] if index_dir is not None else []
-        calibration = [Path(root) / p for p in walk_images(root, exclude=skip)]
+        calibration, calibrated_on = _calibration(Path(root), index_dir, exclude)
     if not isinstance(model, (str, os.PathLike, MoCoEncoder, OnnxEncoder)):
         return model  # another embedder (a stand-in, a baseline): used as it is
     return load_backend(
@@ -252,9 +251,34 @@ def index_model(
         quantize=quantize,
         calibration_images=calibration,
         notify=notify,
-        # Calibrated on this folder's images: another folder gets its own int8 model.
-        calibrated_on=str(Path(root).resolve()) if quantize is not None and root else None,
+        calibrated_on=calibrated_on,
     )
+
+
+def _calibration(
+    root: Path, index_dir: str | Path | None, exclude: Sequence[str] | None
+) -> tuple[list[Path], str]:
+    """``(images, what they stand for)`` to calibrate int8 on: the images of ``root`` that the
+    update will index, i.e. what the ignore rules leave (the defaults, ``.mocoretrievalignore``
+    files, and ``exclude``, or the existing index's ``--exclude`` patterns when None)."""
+    from .data import walk_images
+
+    if exclude is None:
+        try:
+            manifest = read_manifest(find_index_dir(index_dir if index_dir is not None else root))
+        except MoCoRetrievalError:
+            manifest = {}  # a new index: no patterns yet (an unreadable one: the index says so)
+        exclude = manifest.get("exclude", [])
+    patterns = list(exclude)
+    # The index folder is never walked (hidden, the default one, is excluded anyway).
+    skip = [Path(index_dir)] if index_dir is not None else []
+    images = [root / p for p in walk_images(root, exclude=skip, patterns=patterns)]
+    # Calibrated on this folder's images: another folder, or other patterns, get their own int8
+    # model (no patterns: the key int8 models cached before patterns existed have).
+    calibrated_on = str(root.resolve())
+    if patterns:
+        calibrated_on += "\0exclude=" + "\0".join(patterns)
+    return images, calibrated_on
 
 
 def open_index(
@@ -270,6 +294,7 @@ def open_index(
     index_type: str | None = None,
     rebuild: bool = False,
     store_dtype: str | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> ImageIndex:
     """Opens an index with a model and backend: the one way the CLI and the app open one.
 
@@ -287,6 +312,8 @@ def open_index(
         backend, device, quantize, cache_dir, notify: see :func:`load_backend`; ``quantize``
             (int8) is calibrated on a sample of ``root``.
         index_type, rebuild, store_dtype: see :meth:`ImageIndex.create` (with ``root`` only).
+        exclude: the ``--exclude`` patterns the coming update will use (None: the index's),
+            which int8 calibration honours; the update itself takes its own ``exclude``.
 
     Raises:
         MoCoRetrievalError: no index there, a model other than the index's, a bad backend...
@@ -308,6 +335,7 @@ def open_index(
         quantize=quantize,
         cache_dir=cache_dir,
         notify=notify,
+        exclude=exclude,
     )
     if root is None:
         return ImageIndex.open(index, model=embedder, device=device)

@@ -343,3 +343,23 @@ def test_index_with_int8_calibrates_on_the_folder(tmp_path, image_folder, tiny_e
     assert len(files) == 2
     counts = sorted(OnnxEncoder.from_file(f).meta["calibration_images"] for f in files)
     assert counts == [5, 18]
+
+
+def test_int8_calibration_honours_the_ignore_rules(tmp_path, image_folder, tiny_encoder_dir):
+    """int8 is calibrated on the images the update indexes: `--exclude` patterns (given, then
+    kept in the index) and `.mocoretrievalignore` files leave theirs out. Broken on purpose:
+    `_calibration` walking without `patterns` calibrates on sub/ too (9 images, not 6), and
+    ignoring the manifest's patterns when none are given does too (the cache key changes)."""
+    from mocoretrieval.cli import main
+
+    for old in oc.default_cache_dir().glob("*-int8.onnx"):
+        old.unlink()
+    (image_folder / ".mocoretrievalignore").write_text("*.png\n")  # 6 of the root's 12
+    index = tmp_path / "index"
+    argv = ["index", str(image_folder), "--model", str(tiny_encoder_dir), "--index", str(index)]
+    assert main([*argv, "--exclude", "sub/", "--quantize", "int8", "-q"]) == 0
+    (int8,) = oc.default_cache_dir().glob("*-int8.onnx")
+    assert OnnxEncoder.from_file(int8).meta["calibration_images"] == 6
+    (image_folder / "sub" / "img_0002.jpg").unlink()  # an update with work to do
+    assert main([*argv, "--quantize", "int8", "-q"]) == 0  # the index's --exclude: same model
+    assert list(oc.default_cache_dir().glob("*-int8.onnx")) == [int8]
