@@ -23,6 +23,7 @@ from .onnx_backend import OnnxEncoder
 from .onnx_export import export_onnx
 from .preprocess import Preprocess
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
+from .watch import Watcher
 
 # `import mocoretrieval` works without faiss installed (the training package needs none):
 # `mocoretrieval.ann` imports it when an index is first built or searched.
@@ -53,6 +54,7 @@ __all__ = [
     "SourceError",
     "UnsafeCheckpointError",
     "UpdateReport",
+    "Watcher",
     "convert",
     "export_onnx",
     "iter_embeddings",

@@ -19,6 +19,7 @@ from .cli_common import shown as _shown
 from .cli_dedupe import add_duplicates as _add_duplicates
 from .cli_dedupe import add_undo as _add_undo
 from .cli_export import add_export_embeddings as _add_export_embeddings
+from .cli_watch import add_watch as _add_watch
 from .errors import MoCoRetrievalError
 
 
@@ -345,6 +346,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
     _add_export_onnx,
     _add_index,
+    _add_watch,
     _add_search,
     _add_duplicates,
     _add_undo,
