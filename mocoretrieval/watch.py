@@ -125,6 +125,14 @@ def _limit_reason(e: OSError) -> str:
     return f"cannot watch for events ({e.strerror or e})"
 
 
+class _WatchLock(UpdateLock):
+    """The index lock's mechanism on ``watch.lock``: one watch per index."""
+
+    def __init__(self, index_dir: Path) -> None:
+        super().__init__(index_dir)
+        self.file = index_dir / WATCH_LOCK
+
+
 class _Handler:
     """The observer's event handler (its thread calls ``dispatch``): events to changes."""
 
@@ -184,7 +192,7 @@ class Watcher:
         self._exclude = exclude
         self._observer_factory = observer_factory
         self._observer: Any = None
-        self._lock: UpdateLock | None = None
+        self._lock: _WatchLock | None = None
         self._stopping = threading.Event()
         self._last_walk = 0.0  # seconds the last comparison's walk took
         now = clock()
@@ -208,8 +216,7 @@ class Watcher:
         Raises:
             IndexBusyError: another watch runs on this index.
         """
-        lock = UpdateLock(self.index.path)
-        lock.file = self.index.path / WATCH_LOCK
+        lock = _WatchLock(self.index.path)
         try:
             lock.__enter__()
         except IndexBusyError:
@@ -262,6 +269,7 @@ class Watcher:
         _stop(self._observer)
         self._observer = None
         self.mode = "polling"
+        self.debouncer.clear()  # polling takes no batches: the poll below covers them
         self._next_poll = self.clock()  # events may have been missed: look now
         log.warning(
             "%s: watching %s by polling every %g s instead", reason, self.root, self.interval

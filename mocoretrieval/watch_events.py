@@ -210,10 +210,18 @@ class Debouncer:
             return None
         with self._lock:
             batch = Batch(frozenset(self._changes), self._everything)
-            self._changes, self._everything = set(), False
-            self._first = self._last = self._not_before = None
-            self.woken.clear()
+            self._reset()  # under the same lock: a change added meanwhile is not lost
         return batch
+
+    def clear(self) -> None:
+        """Forgets what is pending."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._changes, self._everything = set(), False
+        self._first = self._last = self._not_before = None
+        self.woken.clear()
 
     def put_back(self, batch: Batch, delay: float) -> None:
         """Makes ``batch`` pending again, due no sooner than ``delay`` seconds from now (the

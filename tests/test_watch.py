@@ -342,11 +342,15 @@ def test_inotify_limits_fall_back_to_polling_and_say_how_to_raise_them(library, 
 
 def test_folders_left_unwatched_fall_back_to_polling(library, monkeypatch, caplog):
     """Recent watchdog skips the folders it cannot watch, silently. Broken on purpose: no
-    `_check_watches` after start: the watch stays in event mode, blind to those folders."""
-    _, index = library
+    `_check_watches` after start: the watch stays in event mode, blind to those folders; and
+    `_fall_back` keeping the pending events (a batch polling never takes)."""
+    root, index = library
     monkeypatch.setattr(watch, "inotify_watches", lambda: 1)
-    with caplog.at_level(logging.WARNING, logger="mocoretrieval.watch"), _watcher(index) as w:
+    w = _watcher(index)
+    _events(w, ev.FileCreatedEvent(str(root / "x.jpg")))
+    with caplog.at_level(logging.WARNING, logger="mocoretrieval.watch"), w:
         assert w.mode == "polling" and w._observer is None
+        assert not w.debouncer.pending  # else `run` would spin on a batch polling never takes
     assert "watches only 1 of the" in caplog.text
 
 
