@@ -41,7 +41,7 @@ from .ignore import excluding_rule
 from .layout import UpdateLock
 from .pathsafety import under
 from .update import UpdateReport
-from .watch_events import MAX_WAIT_S, QUIET_S, Batch, Debouncer, event_paths, wanted
+from .watch_events import MAX_WAIT_S, QUIET_S, Batch, Debouncer, any_wanted, event_paths
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -329,7 +329,7 @@ class Watcher:
         batch = self.debouncer.take()
         if batch is not None:
             patterns = self._patterns()
-            if batch.everything or wanted(self.root, batch.changes, patterns):
+            if batch.everything or any_wanted(self.root, batch.changes, patterns):
                 return self._update(batch)
             log.debug("%d changes, all excluded: no update", len(batch.changes))
         if self._next_rescan is not None and now >= self._next_rescan:
