@@ -10,7 +10,8 @@ An index directory (by default ``ROOT/.mocoretrieval/``) holds:
   committed batch by batch. It is the source of truth.
 - ``index.faiss``: derived from the stored embeddings; rebuilt (never by the model) when it is
   missing, corrupt or older than the database. Replaced atomically.
-- ``lock``: held while an update runs.
+- ``lock``: held while an update (or an `undo`) runs.
+- ``watch.lock``: held while a `mocoretrieval watch` runs (:mod:`mocoretrieval.watch`).
 - ``journals/``: one JSON-lines journal per duplicate clean-up (:mod:`mocoretrieval.dedupe`),
   read by ``mocoretrieval undo``.
 """
