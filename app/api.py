@@ -269,7 +269,6 @@ class Api:
 
     def __init__(self, index: Any, k_default: int, max_upload_mb: float) -> None:
         self.index = index
-        self.root = Path(index.root)
         self.k_default = max(1, min(MAX_K, int(k_default)))
         self.max_upload_mb = float(max_upload_mb)
         self.max_bytes = int(max_upload_mb * 1e6)  # MB as the page counts them: 10^6 bytes
@@ -287,7 +286,7 @@ class Api:
         """Whether an image may be named to a client: its real path is inside the folder (a
         symlink out of it, or a vanished file, is left out, as the page leaves it out)."""
         try:
-            resolve_in_root(self.root, rel)
+            resolve_in_root(self.index.roots, rel)
         except PathOutsideRootError as e:
             logger.warning("%s", e)
             return False
@@ -303,7 +302,7 @@ class Api:
         if not known:
             raise ApiError(404, f"no image {display(rel)!r} in the index: use an id from results")
         try:
-            return rel, resolve_in_root(self.root, rel)
+            return rel, resolve_in_root(self.index.roots, rel)
         except PathOutsideRootError as e:
             logger.warning("%s", e)
         except ImageError:
@@ -459,7 +458,10 @@ class Api:
         with self.lock:
             info = self.index.info()
         self.metrics.images = info.get("count")
-        return {k: v for k, v in info.items() if k not in ("root", "index_dir")}
+        info = {k: v for k, v in info.items() if k not in ("root", "index_dir")}
+        # Each root by name and state, never by folder (as "root" is left out).
+        info["roots"] = [{k: r[k] for k in ("name", "state", "files")} for r in info["roots"]]
+        return info
 
     def health(self) -> dict[str, Any]:
         """GET /health: liveness, 200 while the process answers; the index's size as last read

@@ -1,6 +1,6 @@
 """Result thumbnails for the page: stored in the index at indexing time
 (`ImageIndex.thumbnail`), else decoded from the file, and only ever for files whose real path is
-inside the indexed root."""
+inside their root of the index (one of its roots: see `mocoretrieval.roots`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from PIL import Image
 from mocoretrieval.data import load_image
 from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
+from mocoretrieval.roots import Roots
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +34,26 @@ class PathOutsideRootError(MoCoRetrievalError):
     """A path resolves (through `..` or a symlink) to somewhere outside the indexed root."""
 
 
-def resolve_in_root(root: str | Path, rel: str | Path) -> Path:
+def resolve_in_root(root: str | Path | Roots, rel: str | Path) -> Path:
     """The real path of ``root / rel``, refusing anything that leaves the root.
 
     Both sides are resolved (symlinks followed, ``..`` removed) before the check, so neither
     ``../secret.jpg``, an absolute path, nor a symlink inside the root that points outside it
     gets through.
 
+    Given the roots of a library (``index.roots``), ``rel`` is a key: its root is the one it
+    names (``photos/a.jpg``), and the file must be inside that root. A key of no root (a removed
+    or forged one) is refused like a path outside.
+
     Raises:
         PathOutsideRootError: the real path is not inside the real root.
         ImageError: the file does not exist (any more).
     """
+    if isinstance(root, Roots):
+        found = root.locate(os.fspath(rel))
+        if found is None:
+            raise PathOutsideRootError(f"refusing to serve {rel}: it is in no root of the index")
+        root, rel = found[0].path, found[1]
     real_root = Path(root).resolve()
     candidate = real_root / rel
     try:
@@ -115,7 +125,7 @@ def clear_thumbnail_cache() -> None:
     _cached_thumbnail.cache_clear()
 
 
-def _resolved(root: str | Path, rel: str) -> Path | None:
+def _resolved(root: str | Path | Roots, rel: str) -> Path | None:
     """:func:`resolve_in_root`, or None (logged) if the file is outside the root or unusable."""
     try:
         return resolve_in_root(root, rel)
@@ -134,7 +144,7 @@ def _decoded(real: Path) -> Image.Image | None:
     return None
 
 
-def safe_thumbnail(root: str | Path, rel: str, index: Any = None) -> Image.Image | None:
+def safe_thumbnail(root: str | Path | Roots, rel: str, index: Any = None) -> Image.Image | None:
     """The thumbnail of ``root/rel``, or None (logged) if it is outside the root or unreadable.
 
     The thumbnail ``index`` stored is shown only after the file passed the same checks as a
@@ -145,7 +155,7 @@ def safe_thumbnail(root: str | Path, rel: str, index: Any = None) -> Image.Image
 
 
 def safe_thumbnails(
-    root: str | Path, rels: Sequence[str], index: Any = None
+    root: str | Path | Roots, rels: Sequence[str], index: Any = None
 ) -> list[Image.Image | None]:
     """:func:`safe_thumbnail` of each of ``rels``: stored ones first, then the files without
     one decoded in parallel threads."""

@@ -109,7 +109,7 @@ def build_app(
     examples = views.example_items(index, N_EXAMPLES)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as page:
-        gr.Markdown(f"# {TITLE}\nIndexed folder: `{index.root}`")
+        gr.Markdown(f"# {TITLE}\nIndexed folders: `{getattr(index, 'roots', index.root)}`")
         paths = gr.State([])  # relative paths of the result gallery, in order
         last_query = gr.State(None)  # ("upload", cache path) | ("indexed", relative path)
         with gr.Tab("Search"), gr.Row():

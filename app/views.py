@@ -105,8 +105,17 @@ def check_upload(
     return p
 
 
-def _root(index: Any) -> Path:
-    return Path(index.root)
+def _root(index: Any) -> Any:
+    """What `resolve_in_root` checks a path against: the index's roots (a key names its root),
+    or the folder of a stand-in index that has no ``roots``."""
+    roots = getattr(index, "roots", None)
+    return roots if roots is not None else Path(index.root)
+
+
+def _absolute(index: Any, rel: str) -> Path:
+    """Where the file of a key is now (unresolved: a symlink is itself, not its target)."""
+    absolute = getattr(index, "absolute", None)
+    return Path(absolute(rel)) if absolute is not None else Path(index.root) / rel
 
 
 def _count(index: Any) -> int:
@@ -289,7 +298,7 @@ def find_duplicates(index: Any, threshold: float, keep: str = "largest") -> Dupl
             return DuplicateView(message="**The index is empty.**")
         threshold = max(float(threshold), MIN_DUPLICATE_THRESHOLD)
         found = sorted(index.duplicates(threshold), key=len, reverse=True)
-        proposals = dedupe.suggest(found, keep, root=_root(index))
+        proposals = dedupe.suggest(found, keep, root=Path(index.root))
     except MoCoRetrievalError as e:
         return DuplicateView(message=f"**Cannot look for duplicates:** {e}")
     except Exception:  # the page must never show a traceback; the server log keeps it
@@ -328,8 +337,8 @@ def trash_others(index: Any, group: Sequence[str], keep: str | None) -> str:
         root = _root(index)
         for rel in group:  # the check only: a symlink is trashed itself, not its target
             resolve_in_root(root, rel)
-        kept = str(root / keep)
-        others = [str(root / rel) for rel in group if rel != keep]
+        kept = str(_absolute(index, keep))
+        others = [str(_absolute(index, rel)) for rel in group if rel != keep]
         proposal = dedupe.Proposal("", "", [kept], others)
         report = dedupe.apply(index, [proposal], trash=True)
     except (MoCoRetrievalError, PathOutsideRootError) as e:

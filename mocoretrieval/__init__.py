@@ -22,6 +22,7 @@ from .models import load_backend, load_model, open_index
 from .onnx_backend import OnnxEncoder
 from .onnx_export import export_onnx
 from .preprocess import Preprocess
+from .roots import Root, RootError, Roots
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
 from .watch import Watcher
 
@@ -50,6 +51,9 @@ __all__ = [
     "ModelMismatchError",
     "OnnxEncoder",
     "Preprocess",
+    "Root",
+    "RootError",
+    "Roots",
     "SearchResult",
     "SourceError",
     "UnsafeCheckpointError",

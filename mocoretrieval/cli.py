@@ -19,6 +19,8 @@ from .cli_common import shown as _shown
 from .cli_dedupe import add_duplicates as _add_duplicates
 from .cli_dedupe import add_undo as _add_undo
 from .cli_export import add_export_embeddings as _add_export_embeddings
+from .cli_roots import add_roots as _add_roots
+from .cli_roots import known_roots, print_roots
 from .cli_watch import add_watch as _add_watch
 from .errors import MoCoRetrievalError
 
@@ -128,9 +130,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from .models import open_index
 
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
+    roots = args.roots or known_roots(args.index)  # no ROOT: every root of the index
     index = open_index(
         args.index,
-        root=args.root,
+        root=roots,
         model=args.model,
         backend=args.backend,
         device=args.device,
@@ -154,7 +157,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     info = index.info()
-    print(f"indexed {index.root} into {index.path}: {info['count']} images, {info['index_type']}")
+    where = ", ".join(str(r.path) for r in index.roots)
+    print(f"indexed {where} into {index.path}: {info['count']} images, {info['index_type']}")
     print(
         f"added {len(report.added)}, updated {len(report.updated)}, removed "
         f"{len(report.removed)}, skipped {report.num_skipped} in {report.seconds:.1f} s "
@@ -179,6 +183,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
             f"  removed {_count(len(report.excluded_removed), 'image')} from the index that the "
             "ignore rules now exclude (the files are not touched; change the rules and index "
             "again to add them back)"
+        )
+    for root in report.added_roots:
+        print(f"  added the root {root} to the library")
+    for root, (reason, n) in report.offline.items():
+        print(
+            f"  root {root} is offline ({reason}): its {_count(n, 'indexed image')} are kept; "
+            "`mocoretrieval roots move` if it moved, `roots remove` to forget it"
         )
     for folder, reason in report.unreadable.items():
         print(f"  could not list {folder}/ ({reason}); its indexed images are kept")
@@ -220,9 +231,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     skipped = info.pop("skipped")
     excluded = info.pop("excluded")
+    roots = info.pop("roots")
     info["exclude"] = " ".join(info["exclude"]) or "-"
     for key, value in info.items():
         print(f"{key + ':':<22}{value}")
+    print(f"{'roots:':<22}{len(roots)}")
+    print_roots(roots)
     counts = [(s, p, c) for s, patterns in excluded.items() for p, c in patterns.items()]
     files = sum(c["files"] for _, _, c in counts)
     folders = sum(c["folders"] for _, _, c in counts)
@@ -241,13 +255,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
-        help="index (or update the index of) a folder of images",
-        description="Embed every image under ROOT and build a FAISS index. Re-run it as photos "
-        "come and go: only new and changed files are embedded, deleted ones are removed, and an "
-        "interrupted run continues where it stopped.",
+        help="index (or update the index of) one or several folders of images",
+        description="Embed every image under each ROOT and build a FAISS index. Re-run it as "
+        "photos come and go: only new and changed files are embedded, deleted ones are removed, "
+        "and an interrupted run continues where it stopped. Several ROOTs make one library "
+        "(--index DIR required); a ROOT the index does not cover yet is added to its roots, "
+        "and without ROOT every root of the index is updated. A root whose folder is missing, "
+        "or empty while the index holds images of it, is offline: its images are kept.",
     )
-    p.add_argument("root", help="the folder of images")
-    p.add_argument("--index", metavar="DIR", help="index directory (default ROOT/.mocoretrieval)")
+    p.add_argument(
+        "roots", nargs="*", metavar="ROOT", help="folders of images (default: the index's roots)"
+    )
+    p.add_argument(
+        "--index",
+        metavar="DIR",
+        help="index directory (default ROOT/.mocoretrieval for one ROOT; without ROOT, found "
+        "here or in a parent folder)",
+    )
     p.add_argument(
         "--model",
         metavar="SOURCE",
@@ -294,7 +318,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "--exclude",
         action="append",
         metavar="PATTERN",
-        help="leave out what a gitignore-style PATTERN matches, relative to ROOT (repeat it for "
+        help="leave out what a gitignore-style PATTERN matches, relative to each ROOT (repeat it for "
         "more); kept in the index for later runs until given again or --no-exclude. Images it "
         "now excludes are removed from the index (not from the disk). .mocoretrievalignore "
         "files in the tree apply too, over these",
@@ -352,6 +376,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_undo,
     _add_info,
     _add_export_embeddings,
+    _add_roots,
     _add_eval,
     _add_serve,
 ]

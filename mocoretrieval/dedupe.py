@@ -182,13 +182,19 @@ class ApplyReport:
     index_note: str = ""
 
 
-def plan_steps(proposals: Iterable[Proposal], root: Path, move_to: Path | None) -> list[Step]:
+def plan_steps(
+    proposals: Iterable[Proposal],
+    root: Path | Callable[[str], str],
+    move_to: Path | None,
+) -> list[Step]:
     """The moves of ``proposals``: into ``move_to`` at the same path relative to ``root`` (names
-    cannot collide), or to the trash when ``move_to`` is None."""
+    cannot collide), or to the trash when ``move_to`` is None. ``root`` may be the index's
+    ``relative`` instead (a library of several roots): then at the file's key, ``NAME/...``."""
     steps = []
     for proposal in proposals:
         for src in proposal.remove:
-            dst = None if move_to is None else str(move_to / os.path.relpath(src, root))
+            rel = root(src) if callable(root) else os.path.relpath(src, root)
+            dst = None if move_to is None else str(move_to / rel)
             steps.append(Step(src, dst))
     return steps
 
@@ -225,17 +231,21 @@ def apply(
     """
     mover, trasher = mover or move_file, trasher or send_to_trash
     root = Path(index.root)
+    roots = [r.path for r in index.roots] if hasattr(index, "roots") else [root]
     if (move_to is None) == (not trash):
         raise MoCoRetrievalError("choose one of --move-to DIR and --trash")
     target = None
     if move_to is not None:
         target = Path(os.path.abspath(os.path.expanduser(move_to)))
-        if target == root or root in target.parents:
-            raise MoCoRetrievalError(
-                f"--move-to {target} is inside the indexed folder {root}: the next `index` run "
-                "would index the moved files again; pick a folder outside it"
-            )
-    report = ApplyReport(steps=plan_steps(proposals, root, target))
+        for inside in roots:
+            if target == inside or inside in target.parents:
+                raise MoCoRetrievalError(
+                    f"--move-to {target} is inside the indexed folder {inside}: the next "
+                    "`index` run would index the moved files again; pick a folder outside it"
+                )
+    # One root: moved files keep their path relative to it; several: their key (NAME/...).
+    where = root if len(roots) == 1 else index.relative
+    report = ApplyReport(steps=plan_steps(proposals, where, target))
     if dry_run or not report.steps:
         return report
     journal = Journal.create(Path(index.path))
@@ -274,7 +284,10 @@ def apply(
             continue
         journal.write(op="done", n=n, dst=where, info=info)
         report.moved.append(step.src)
-    rels = [os.path.relpath(p, root).replace(os.sep, "/") for p in report.moved]
+    if hasattr(index, "relative"):  # the key, the root's name in front in a library
+        rels = [index.relative(p) for p in report.moved]
+    else:
+        rels = [os.path.relpath(p, root).replace(os.sep, "/") for p in report.moved]
     try:
         index.forget(rels)
         report.index_note = f"{len(rels)} moved files dropped from the index"

@@ -31,8 +31,11 @@ from .layout import (
     read_manifest,
     write_json_atomic,
 )
-from .pathsafety import display, file_key, inside_root
+from .library import LibraryRoots, new_roots
+from .pathsafety import display, file_key
 from .reads import Reading
+from .roots import Root, RootError, Roots, check_disjoint
+from .roots_table import RootTable
 from .search import DuplicateGroup, Query, Searching, SearchResult
 from .store import Store
 from .store_db import check_dtype
@@ -48,6 +51,9 @@ __all__ = [
     "ImageIndex",
     "Model",
     "Query",
+    "Root",
+    "RootError",
+    "Roots",
     "SearchResult",
     "UpdateReport",
 ]
@@ -55,8 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ImageIndex(EncoderPin, Searching, Reading, Updating):
-    """A searchable, incrementally updated index of every image under a root folder.
+class ImageIndex(EncoderPin, Searching, Reading, Updating, LibraryRoots):
+    """A searchable, incrementally updated index of every image under one or several root
+    folders (a library; see :mod:`mocoretrieval.roots`).
 
     Use :meth:`build` (create or reuse, then update), :meth:`create` or :meth:`open`; the
     constructor is internal.
@@ -83,10 +90,10 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         self.path = index_dir
         self.manifest = manifest
         self._manifest_key = file_key(index_dir / MANIFEST)
-        root = Path(manifest["root"])
-        self.root = root if root.is_absolute() else (index_dir / root).resolve()
         self.dim = int(manifest["encoder"]["dim"])
         self.store = Store(index_dir / DATABASE, self.dim, readonly=readonly, dtype=store_dtype)
+        self._read_roots()
+        self._pending_roots: list[Path] = []
         self._encoder = encoder
         self._deferred: DeferredModel | None = None
         self._device = device
@@ -103,7 +110,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
     @classmethod
     def create(
         cls,
-        root: str | Path,
+        root: str | Path | Sequence[str | Path],
         model: Model = None,
         index_dir: str | Path | None = None,
         *,
@@ -114,14 +121,17 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
     ) -> ImageIndex:
         """Creates the index of ``root``, or reuses the one already there.
 
-        An existing index is not changed here: a rebuild and a new index type are checked now
-        and applied by :meth:`update`, under the lock (``build`` calls it).
+        An existing index is not changed here: a rebuild, a new index type and new roots are
+        checked now and applied by :meth:`update`, under the lock (``build`` calls it).
 
         Args:
-            root: the image folder.
+            root: the image folder, or several (a library of several roots; none may be inside
+                another). Given an existing index, the folders it does not cover yet are added
+                to its roots.
             model: a model source (alias, directory, Hub id, checkpoint) or an encoder. None:
                 the existing index's model, or :data:`~mocoretrieval.sources.DEFAULT_MODEL`.
-            index_dir: where the index lives; default ``root/.mocoretrieval``.
+            index_dir: where the index lives; default ``root/.mocoretrieval`` (required for
+                several roots).
             index_type: a FAISS factory string; None keeps the existing choice (automatic for a
                 new index).
             rebuild: forget every embedding and start over (e.g. with another model).
@@ -135,20 +145,26 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
             ModelMismatchError: ``model`` is not the model the existing index was built with.
             MoCoRetrievalError: ``store_dtype`` differs from the existing index's without
                 ``rebuild``.
+            RootError: a folder is missing, or two roots overlap.
         """
-        root = Path(root).expanduser().resolve()
-        if not root.is_dir():
-            raise MoCoRetrievalError(f"{root} is not a folder: pass the folder of images to index")
-        index_dir = Path(index_dir).expanduser().resolve() if index_dir else root / DEFAULT_DIRNAME
+        paths = [root] if isinstance(root, (str, os.PathLike)) else list(root)
+        if not paths:
+            raise RootError("pass at least one folder of images to index")
+        wanted = [Path(p).expanduser().resolve() for p in paths]
+        if index_dir is None and len(wanted) > 1:
+            raise RootError(
+                "several folders make one library: pass --index DIR to say where it lives"
+            )
+        index_dir = (
+            Path(index_dir).expanduser().resolve() if index_dir else wanted[0] / DEFAULT_DIRNAME
+        )
         if store_dtype is not None:
             check_dtype(store_dtype)
         if (index_dir / MANIFEST).is_file():
             index = cls.open(index_dir, device=device)
-            if index.root != root:
-                raise MoCoRetrievalError(
-                    f"the index at {index_dir} is the index of {index.root}, not of {root}: "
-                    "pass another --index DIR"
-                )
+            known = {r.path for r in index.roots}  # one of them offline is no error
+            index._pending_roots = new_roots([p for p in wanted if p not in known], empty=True)
+            check_disjoint(index._pending_roots, known)  # fail now; added by update
             dim = index.dim
             if store_dtype is not None and store_dtype != index.store.dtype:
                 if not rebuild:
@@ -176,6 +192,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
                 ann.check_factory(index_type, dim)
                 index._pending_index_type = index_type
             return index
+        roots = new_roots(wanted)
         if index_dir.exists() and any(p.name != LOCK_FILE for p in index_dir.iterdir()):
             raise MoCoRetrievalError(
                 f"{index_dir} exists and is not a mocoretrieval index: pass another --index DIR"
@@ -185,11 +202,12 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         encoder, source = cls._load_with(model if model is not None else DEFAULT_MODEL, device)
         if index_type is not None:
             ann.check_factory(index_type, int(encoder.dim))
-        inside = index_dir == root or root in index_dir.parents
+        inside = index_dir == roots[0] or roots[0] in index_dir.parents
         manifest = {
             "format_version": FORMAT_VERSION,
-            # Relative when inside the root, so the folder can be moved with its index.
-            "root": os.path.relpath(root, index_dir) if inside else str(root),
+            # The first root, for people reading the manifest (the roots table is the truth):
+            # relative when inside it, so the folder can be moved with its index.
+            "root": os.path.relpath(roots[0], index_dir) if inside else str(roots[0]),
             "encoder": cls._encoder_entry(encoder, source),
             "metric": "inner_product",
             "index_type": index_type or "auto",
@@ -204,6 +222,10 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
                     f"another process created an index at {index_dir} meanwhile; run the "
                     "command again to update that one"
                 )
+            store = Store(index_dir / DATABASE, int(encoder.dim), dtype=store_dtype)
+            store.close()  # the schema, then the roots
+            with RootTable(index_dir / DATABASE, index_dir) as table:
+                table.create(roots)
             index = cls(
                 index_dir,
                 manifest,
@@ -219,7 +241,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
     @classmethod
     def build(
         cls,
-        root: str | Path,
+        root: str | Path | Sequence[str | Path],
         model: Model = None,
         index_dir: str | Path | None = None,
         *,
@@ -315,6 +337,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         self.manifest.clear()  # in place: the FAISS file shares this dict
         self.manifest.update(manifest)
         self.dim = self.store.dim = int(manifest["encoder"]["dim"])
+        self._read_roots()  # a writer saves the manifest after changing the roots
 
     def _faiss_index(self) -> Any:
         """The FAISS index of the current manifest and database, for searching."""
@@ -330,30 +353,12 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
 
     # --- duplicate decisions ---------------------------------------------------------------
 
-    def relative(self, path: str | os.PathLike) -> str:
-        """``path`` (absolute, or relative to the root) as the index stores it: relative to the
-        root, POSIX.
-
-        Raises:
-            MoCoRetrievalError: the path is not inside the indexed root.
-        """
-        p = Path(path).expanduser()
-        if p.is_absolute():
-            p = Path(os.path.abspath(p))
-            if self.root not in p.parents:
-                raise MoCoRetrievalError(f"{p} is not inside the indexed folder {self.root}")
-            p = p.relative_to(self.root)
-        norm = inside_root(p.as_posix())
-        if norm is None:
-            raise MoCoRetrievalError(f"{path} is not inside the indexed folder {self.root}")
-        return Path(norm).as_posix()
-
     def mark_not_duplicates(self, paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
         """Records that ``paths`` are not duplicates of each other, pair by pair: later
         :meth:`duplicates` never group any two of them (A-B apart still lets A and C group).
 
         Args:
-            paths: two or more indexed images, absolute or relative to the root.
+            paths: two or more indexed images, absolute or as keys (:meth:`paths`).
 
         Returns:
             The pairs recorded, relative paths.
@@ -367,7 +372,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         for rel in rels:
             record = self.store.file(rel)
             if record is None or record.vector_id is None:
-                raise MoCoRetrievalError(f"{display(rel)} is not an indexed image of {self.root}")
+                raise MoCoRetrievalError(f"{display(rel)} is not an indexed image of {self.path}")
         pairs = pairs_of(rels)
         with UpdateLock(self.path):  # a writer, like update: the lock before the first change
             self._writable()
@@ -393,13 +398,16 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating):
         """Model, count, dimension, index type, last update, skipped and excluded files.
 
         ``exclude`` is the index's ``--exclude`` patterns; ``excluded`` what the ignore rules
-        left out at the last update (see :attr:`UpdateReport.excluded`).
+        left out at the last update (see :attr:`UpdateReport.excluded`). ``roots`` lists each
+        root with its state (an offline one is named so, with why) and its file count
+        (:meth:`roots_info`); ``root`` is the first one.
         """
         self._sync()
         faiss_entry = self.manifest.get("faiss") or {}
         encoder = self.manifest["encoder"]
         return {
             "root": str(self.root),
+            "roots": self.roots_info(),
             "index_dir": str(self.path),
             "format_version": self.manifest["format_version"],
             "model": encoder["source"],

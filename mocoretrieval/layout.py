@@ -2,12 +2,13 @@
 
 An index directory (by default ``ROOT/.mocoretrieval/``) holds:
 
-- ``manifest.json``: format version, the root, the encoder (source, weights hash, config, dim),
+- ``manifest.json``: format version, the first root, the encoder (source, weights hash, config, dim),
   metric, requested index type, the state of ``index.faiss`` (factory, search parameters,
   the store generation it was built from, its size), the ``--exclude`` patterns and what the
   ignore rules left out at the last update. Replaced atomically.
 - ``index.db``: the SQLite :class:`~mocoretrieval.store.Store` — files and their embeddings,
-  committed batch by batch. It is the source of truth.
+  committed batch by batch — and the library's roots (:mod:`mocoretrieval.roots_table`). It is
+  the source of truth.
 - ``index.faiss``: derived from the stored embeddings; rebuilt (never by the model) when it is
   missing, corrupt or older than the database. Replaced atomically.
 - ``lock``: held while an update (or an `undo`) runs.
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
 
 # Bump when a change would make an older mocoretrieval misread the index; older versions
 # then refuse it with a message instead of returning wrong results.
-FORMAT_VERSION = 1
+# 2: the roots table (several roots, files keyed by root name); a version-1 index is migrated
+# by its first writer (see mocoretrieval.roots_table), and read as it is until then.
+FORMAT_VERSION = 2
 DEFAULT_DIRNAME = ".mocoretrieval"
 MANIFEST, DATABASE, FAISS_FILE, LOCK_FILE = "manifest.json", "index.db", "index.faiss", "lock"
 

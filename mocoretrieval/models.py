@@ -284,7 +284,7 @@ def _calibration(
 def open_index(
     index: str | Path | None = None,
     *,
-    root: str | Path | None = None,
+    root: str | Path | Sequence[str | Path] | None = None,
     model: ModelArg = None,
     backend: str = "auto",
     device: str | None = None,
@@ -306,7 +306,8 @@ def open_index(
     Args:
         index: the index directory, or an indexed folder; None: ``root/.mocoretrieval`` with a
             ``root``, else found in the current folder or its parents.
-        root: the image folder to index.
+        root: the image folder to index, or several (a library; see
+            :mod:`mocoretrieval.roots`), the first of which int8 is calibrated on.
         model: a model source (alias, directory, Hub id, checkpoint, ``.onnx`` file) or an
             embedder; None: the index's own model (the default model for a new index).
         backend, device, quantize, cache_dir, notify: see :func:`load_backend`; ``quantize``
@@ -324,14 +325,15 @@ def open_index(
         raise MoCoRetrievalError(
             "quantize, index_type, rebuild and store_dtype apply when indexing a root"
         )
-    root = Path(root).expanduser() if root is not None else None
+    roots = [root] if isinstance(root, (str, os.PathLike)) else list(root or [])
+    first = Path(roots[0]).expanduser() if roots else None
     index = Path(index).expanduser() if index is not None else None
     embedder = index_model(
         model,
         backend,
         device,
         index_dir=index,
-        root=root,
+        root=first,
         quantize=quantize,
         cache_dir=cache_dir,
         notify=notify,
@@ -340,7 +342,7 @@ def open_index(
     if root is None:
         return ImageIndex.open(index, model=embedder, device=device)
     return ImageIndex.create(
-        root,
+        [Path(r).expanduser() for r in roots],
         embedder,
         index,
         index_type=index_type,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError
+from .errors import ImageError, MoCoRetrievalError
 from .pathsafety import inside_root
 from .store import Store
 
@@ -21,13 +21,16 @@ class Reading:
     """The reading half of `ImageIndex` that needs no model: it reads the store, never writes."""
 
     # Set by ImageIndex.__init__.
-    root: Path
+    path: Path
     store: Store
     # ImageIndex's: follows another process's re-embedding before a read.
     _sync: Callable[[], None]
+    # LibraryRoots': where the file of a key is now.
+    absolute: Callable[[str], Path]
 
     def paths(self) -> list[str]:
-        """The indexed images (embedded, not skipped), relative to the root, POSIX, sorted."""
+        """The indexed images (embedded, not skipped) by key, sorted: relative to the root,
+        POSIX (with the root's name in front in a library of several roots)."""
         self._sync()
         return [
             norm
@@ -57,7 +60,7 @@ class Reading:
         vector = self.store.vector(path)
         if vector is None:
             raise ImageError(
-                f"not in the index of {self.root}: pass a path relative to the root as "
+                f"not in the index at {self.path}: pass a key as "
                 "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
                 path,
             )
@@ -84,7 +87,7 @@ class Reading:
             record = self.store.file(path)
             if record is None or record.vector_id is None:
                 raise ImageError(
-                    f"not in the index of {self.root}: pass a path relative to the root as "
+                    f"not in the index at {self.path}: pass a key as "
                     "ImageIndex.paths() lists it, or run `mocoretrieval index` to add it",
                     path,
                 )
@@ -97,7 +100,11 @@ class Reading:
         if norm is None:
             raise ImageError("not inside the indexed root", path)
         try:
-            st = os.stat(self.root / norm)
+            real = self.absolute(norm)
+        except MoCoRetrievalError:
+            raise ImageError("not inside a root of the library", path) from None
+        try:
+            st = os.stat(real)
         except OSError:
             raise ImageError("file not found (moved or deleted since indexing?)", path) from None
         if (st.st_size, st.st_mtime_ns) != tuple(stored.stat):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,14 +25,17 @@ from .duplicates import (
 from .embedder import Embedder
 from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
 from .pathsafety import inside_root
+from .roots import Roots
 from .store import Store
 
 Query = str | os.PathLike | Image.Image | np.ndarray
 
 
 class SearchResult(NamedTuple):
-    """One hit: the image's absolute path, its cosine similarity to the query, and its path
-    relative to the indexed root (POSIX, as :meth:`ImageIndex.paths` lists it)."""
+    """One hit: the image's absolute path now (its root's folder joined with its path there),
+    its cosine similarity to the query, and its key: its path relative to its root (POSIX, as
+    :meth:`ImageIndex.paths` lists it), with the root's name in front in a library of several
+    roots (see :mod:`mocoretrieval.roots`)."""
 
     path: str
     score: float
@@ -66,8 +68,8 @@ class DuplicateGroup(list):
 class Searching:
     """The searching half of `ImageIndex`: it reads the store and the FAISS file, never writes."""
 
-    # Set by ImageIndex.__init__.
-    root: Path
+    # Set by ImageIndex.__init__ (the roots reloaded by _sync).
+    _roots: Roots
     dim: int
     store: Store
     manifest: dict[str, Any]
@@ -125,17 +127,18 @@ class Searching:
         ]
 
     def _stored_paths(self, vector_ids: Any) -> dict[int, str]:
-        """Relative paths of stored vector ids, normalised; stored paths outside the root are
-        left out (see :func:`~mocoretrieval.pathsafety.inside_root`)."""
+        """Keys of stored vector ids, normalised; stored keys that leave their root, or are of
+        no root (a root removed meanwhile), are left out (see
+        :func:`~mocoretrieval.pathsafety.inside_root`)."""
         out: dict[int, str] = {}
         for i, rel in self.store.paths_of(vector_ids).items():
             norm = inside_root(rel)
-            if norm is not None:
+            if norm is not None and self._roots.locate(norm) is not None:
                 out[i] = norm
         return out
 
     def _result(self, rel: str, score: float) -> SearchResult:
-        return SearchResult(str(self.root / rel), float(score), rel)
+        return SearchResult(str(self._roots.absolute(rel)), float(score), rel)
 
     def duplicates(
         self,

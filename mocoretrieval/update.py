@@ -7,7 +7,6 @@ directory, always under its lock.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +16,21 @@ from typing import Any
 import numpy as np
 
 from . import ann, embed
-from .data import empty_folders, scan_images
 from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .faiss_file import FaissFile
-from .ignore import Rule, count_excluded, excluding_rule
+from .ignore import count_excluded, excluding_rule
 from .layout import DATABASE, UpdateLock, now
+from .library_walk import (
+    LibraryScan,
+    held_by_root,
+    held_in_empty,
+    iter_library_embeddings,
+    offline_keys,
+    scan_library,
+)
 from .pathsafety import display, under
+from .roots import Roots
 from .store import FileStat, Store
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UpdateReport:
-    """What one :meth:`ImageIndex.update` did. Paths are relative to the root.
+    """What one :meth:`ImageIndex.update` did. Paths are keys: relative to the root (in a
+    library of several roots, with the root's name in front; see :mod:`mocoretrieval.roots`).
 
     ``seconds`` is the whole update (walk, model, commits, FAISS rebuild) and ``images_per_s``
     the files embedded or skipped per second of it: end to end, as a user waits for it.
@@ -53,6 +61,11 @@ class UpdateReport:
     # The files of ``removed`` that the ignore rules now exclude (the rules changed, or an
     # ignore file was added): removed from the index as if deleted; the files are not touched.
     excluded_removed: list[str] = field(default_factory=list)
+    # Roots not walked because their folder is missing, or empty while the index holds files of
+    # it (see :mod:`mocoretrieval.library_walk`): root folder -> (why, files kept).
+    offline: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Roots added by this update (``index ROOT --index DIR`` with a new ROOT).
+    added_roots: list[str] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
 
@@ -72,7 +85,7 @@ class Updating:
 
     # Set by ImageIndex.__init__.
     path: Path
-    root: Path
+    roots: Roots
     dim: int
     store: Store
     faiss: FaissFile
@@ -88,6 +101,7 @@ class Updating:
     # replaced, writing it (under the lock), and the manifest's entry for an encoder.
     encoder: Embedder
     _sync: Callable[[], None]
+    _apply_roots: Callable[[], list[str]]
     _save_manifest: Callable[[], None]
     _encoder_entry: Callable[[Embedder, str | None], dict[str, Any]]
 
@@ -104,8 +118,10 @@ class Updating:
         """Brings the index in line with the folder: embeds new and changed files (by size and
         mtime), forgets deleted ones, and leaves the rest alone.
 
-        Files under a folder that cannot be listed, or that lists nothing at all (what the mount
-        point of an unmounted drive looks like; the root too), are kept and reported in
+        Every root of the library is walked. A root whose folder is missing, or lists nothing
+        while the index holds files of it, is offline: its files are kept and reported in
+        ``offline``. Files under a folder that cannot be listed, or that lists nothing at all
+        (what the mount point of an unmounted drive looks like), are kept and reported in
         ``unreadable`` and ``empty``: they are out of reach, maybe not deleted. A folder deleted
         with its files is a deletion like any other.
 
@@ -123,8 +139,9 @@ class Updating:
             device: torch device; None picks CUDA when available, else CPU.
             progress: called as ``progress(done, total)`` after each batch of files to embed.
             prune_empty: forget the files of folders that list nothing as well (they were
-                really deleted, not unmounted).
-            exclude: gitignore patterns, relative to the root, to leave out; kept in the
+                really deleted, not unmounted), an empty root's too; a root whose folder is
+                missing is kept all the same (remove it with :meth:`remove_root`).
+            exclude: gitignore patterns, relative to each root, to leave out; kept in the
                 manifest for the next updates. None keeps the index's; ``[]`` drops them.
 
         Raises:
@@ -136,9 +153,23 @@ class Updating:
         with UpdateLock(self.path):
             self._sync()  # the manifest as the last writer left it, not as this one read it
             self._writable()
+            report.added_roots = self._apply_roots()  # the table made or migrated, new roots in
             patterns = list(self.manifest.get("exclude", []) if exclude is None else exclude)
+            known = self.store.files()
             # The walk first: a malformed pattern, like a bad index type, changes nothing.
-            stats, problems, report.unreadable, excluded = self._walk(patterns)
+            scan = self._walk(patterns, known, prune_empty)
+            stats, problems, report.unreadable = scan.stats, scan.problems, scan.unreadable
+            excluded = scan.excluded
+            kept_offline = offline_keys(self.roots, scan.offline, known)
+            for root in self.roots:
+                if root.name in scan.offline:
+                    n = len(self.roots.keys_of(root, kept_offline))
+                    report.offline[str(root.path)] = (scan.offline[root.name], n)
+                    log.warning(
+                        "root %s is offline (%s): %d files kept",
+                        root.path,
+                        *report.offline[str(root.path)],
+                    )
             requested = self._pending_index_type
             if requested is not None:  # before any model work: fail fast, change nothing
                 ann.check_buildable(
@@ -149,15 +180,15 @@ class Updating:
             if self._pending_reset is not None:
                 self._reset(*self._pending_reset)
                 self._pending_reset = None
+                known = self.store.files()  # nothing: every file is embedded again
             report.excluded = count_excluded(excluded)
             if patterns != self.manifest.get("exclude", []):
                 # Kept before the removals they cause: an interrupted run keeps the new rules.
                 self.manifest["exclude"] = patterns
                 self._save_manifest()
-            known = self.store.files()
             gone = sorted(
                 p
-                for p in set(known) - set(stats) - set(problems)
+                for p in set(known) - set(stats) - set(problems) - kept_offline
                 if not under(p, report.unreadable)
             )
             report.excluded_removed = [p for p in gone if excluding_rule(p, excluded)]
@@ -165,8 +196,8 @@ class Updating:
             held = (
                 {}
                 if prune_empty
-                else empty_folders(
-                    self.root, [p for p in gone if p not in now_excluded], exclude=[self.path]
+                else held_in_empty(
+                    self.roots, [p for p in gone if p not in now_excluded], self.path
                 )
             )
             kept = {p for paths in held.values() for p in paths}
@@ -183,9 +214,9 @@ class Updating:
                 done = 0
                 if progress is not None:
                     progress(0, len(todo))  # the bar appears before the model loads
-                batches = embed.iter_embeddings(
+                batches = iter_library_embeddings(
                     self.encoder,
-                    self.root,
+                    scan.where,
                     todo,
                     batch_size=batch_size,
                     workers=workers,
@@ -250,23 +281,12 @@ class Updating:
         return report
 
     def _walk(
-        self, patterns: Sequence[str]
-    ) -> tuple[
-        dict[str, FileStat], dict[str, tuple[str, FileStat]], dict[str, str], dict[str, Rule]
-    ]:
-        """``(readable images -> size and mtime, unusable image entries -> (reason, stat),
-        folders that could not be listed -> reason, what the ignore rules excluded -> rule)``,
-        with ``patterns`` as the ``--exclude`` patterns."""
-        scan = scan_images(self.root, exclude=[self.path], patterns=patterns)
-        stats = {rel: FileStat(st.st_size, st.st_mtime_ns) for rel, st in scan.files.items()}
-        problems: dict[str, tuple[str, FileStat]] = {}
-        for rel, reason in scan.problems.items():
-            try:
-                st = os.lstat(self.root / rel)
-                problems[rel] = (reason, FileStat(st.st_size, st.st_mtime_ns))
-            except (OSError, ValueError):  # e.g. the escaped name of a non-UTF-8 file
-                problems[rel] = (reason, FileStat(0, 0))
-        return stats, problems, scan.unreadable, scan.excluded
+        self, patterns: Sequence[str], known: dict[str, Any], prune_empty: bool
+    ) -> LibraryScan:
+        """Every root walked with ``patterns`` as the ``--exclude`` patterns (offline ones
+        reported, not walked); see :func:`.library_walk.scan_library`."""
+        roots = self.roots
+        return scan_library(roots, self.path, patterns, held_by_root(roots, known), prune_empty)
 
     def _record_problems(
         self,
