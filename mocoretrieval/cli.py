@@ -133,7 +133,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     roots = args.roots or known_roots(args.index)  # no ROOT: every root of the index
     index = open_index(
         args.index,
-        root=roots,
+        root=roots[0] if len(roots) == 1 else roots,
         model=args.model,
         backend=args.backend,
         device=args.device,
