@@ -72,13 +72,17 @@ def located(stored: str, index_dir: Path) -> Path:
 
 
 def unique_name(path: Path, taken: Iterable[str]) -> str:
-    """A name for a new root: its folder's name (``photos``), made unique with ``-2``, ``-3``."""
+    """A name for a new root: its folder's name (``photos``), made unique with ``-2``, ``-3``.
+
+    Unique ignoring case: keys become folders under ``duplicates --move-to``, and ``Photos/``
+    and ``photos/`` are one folder on a case-insensitive disk.
+    """
     base = _NAME_BAD.sub("_", path.name) or "root"
     if base in (".", ".."):
         base = "root"
-    taken = set(taken)
+    taken = {t.casefold() for t in taken}
     name, n = base, 1
-    while name in taken:
+    while name.casefold() in taken:
         n += 1
         name = f"{base}-{n}"
     return name

@@ -139,7 +139,7 @@ class RootTable:
         """
         roots = self.roots()
         name = name or unique_name(path, (r.name for r in roots))
-        if name in {r.name for r in roots}:
+        if name.casefold() in {r.name.casefold() for r in roots}:
             raise RootError(f"a root is already named {name!r}: pass another --name")
         statements: list[tuple[str, tuple]] = []
         for old in roots:
