@@ -283,3 +283,28 @@ def test_the_cli(two_roots, tiny_encoder_dir, capsys):
     assert "roots:                2" in out and "online" in out and "OFFLINE" not in out
     assert main(["roots", "add", str(photos / "x"), "--index", str(lib)]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_duplicate_across_roots_moves_under_its_key_and_comes_back(
+    two_roots, tiny_encoder, tmp_path
+):
+    """Mutation: `plan_steps` given the first root's folder for every file (as with one root):
+    the nas copy goes to ``out/../mnt/nas/...``, outside ``--move-to`` (back onto itself)."""
+    from mocoretrieval import dedupe
+
+    photos, nas, lib = two_roots
+    shutil.copy(photos / "img_0003.png", nas / "copy.png")
+    index = ImageIndex.build([photos, nas], model=tiny_encoder, index_dir=lib, workers=WORKERS)
+    group = next(g for g in index.duplicates(0.99) if "nas/copy.png" in g.relpaths)
+    assert "photos/img_0003.png" in group.relpaths  # across the two roots
+    proposal = dedupe.Proposal(group.id, group.tier, [str(photos / "img_0003.png")])
+    proposal.remove = [str(nas / "copy.png")]
+    with pytest.raises(Exception, match="inside the indexed folder"):
+        dedupe.apply(index, [proposal], move_to=nas / "dupes")
+    out = tmp_path / "out"
+    report = dedupe.apply(index, [proposal], move_to=out)
+    assert report.moved == [str(nas / "copy.png")] and (out / "nas" / "copy.png").is_file()
+    assert "nas/copy.png" not in index.paths() and len(index) == 7
+    dedupe.undo(lib)
+    assert (nas / "copy.png").is_file() and not (out / "nas" / "copy.png").exists()
+    index.close()
