@@ -112,6 +112,11 @@ def _root(index: Any) -> Any:
     return roots if roots is not None else Path(index.root)
 
 
+def _roots_of(index: Any) -> list[Any]:
+    """The folders of the index, for messages."""
+    return [r.path for r in getattr(index, "roots", [])] or [Path(index.root)]
+
+
 def _absolute(index: Any, rel: str) -> Path:
     """Where the file of a key is now (unresolved: a symlink is itself, not its target)."""
     absolute = getattr(index, "absolute", None)
@@ -168,7 +173,8 @@ def _search(index: Any, query: Any, k: Any) -> SearchOutcome:
     if _count(index) == 0:
         return SearchOutcome(
             message="**The index is empty.** Add images to the folder and run "
-            f"`mocoretrieval index {_root(index)}`, then search again."
+            f"`mocoretrieval index {' '.join(str(r) for r in _roots_of(index))}`, then search "
+            "again."
         )
     results = index.search(query, k=clamp_k(k))
     items, paths, left_out = gallery_items(_root(index), results, index)
