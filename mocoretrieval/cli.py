@@ -193,7 +193,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
         )
     for folder, reason in report.unreadable.items():
         print(f"  could not list {folder}/ ({reason}); its indexed images are kept")
+    whole = {".", *(r.name for r in index.roots)}  # a whole root: said offline above
     for folder, n in report.empty.items():
+        if folder in whole and report.offline:
+            continue
         shown_folder = index.root if folder == "." else f"{folder}/"
         print(
             f"  {shown_folder} is empty but held {n} indexed images: kept (an unmounted "

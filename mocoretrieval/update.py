@@ -22,7 +22,9 @@ from .faiss_file import FaissFile
 from .ignore import count_excluded, excluding_rule
 from .layout import DATABASE, UpdateLock, now
 from .library_walk import (
+    OFFLINE_EMPTY,
     LibraryScan,
+    folder_key,
     held_by_root,
     held_in_empty,
     iter_library_embeddings,
@@ -53,7 +55,8 @@ class UpdateReport:
     # index holds under them is kept, not counted as deleted.
     unreadable: dict[str, str] = field(default_factory=dict)
     # Folders that list nothing while the index holds files under them (the mount point of an
-    # unmounted drive; "." for the root): folder -> files kept. ``prune_empty`` removes them.
+    # unmounted drive; "." for the root of a one-root index, a root's name for a whole root,
+    # also in ``offline``): folder -> files kept. ``prune_empty`` removes them.
     empty: dict[str, int] = field(default_factory=dict)
     # What the ignore rules left out: source -> pattern -> {"files": n, "folders": n}, image
     # files and the folders not entered (see :func:`.ignore.count_excluded`).
@@ -165,6 +168,8 @@ class Updating:
                 if root.name in scan.offline:
                     n = len(self.roots.keys_of(root, kept_offline))
                     report.offline[str(root.path)] = (scan.offline[root.name], n)
+                    if n and scan.offline[root.name] == OFFLINE_EMPTY:  # as before roots
+                        report.empty[folder_key(root, ".")] = n
                     log.warning(
                         "root %s is offline (%s): %d files kept",
                         root.path,
@@ -202,9 +207,9 @@ class Updating:
             )
             kept = {p for paths in held.values() for p in paths}
             report.removed = [p for p in gone if p not in kept]
-            report.empty = {display(folder): len(paths) for folder, paths in held.items()}
-            for folder, n in report.empty.items():
-                log.warning("%s lists nothing but held %d indexed files: kept", folder, n)
+            for folder, paths in held.items():
+                report.empty[display(folder)] = len(paths)
+                log.warning("%s lists nothing but held %d indexed files: kept", folder, len(paths))
             self.store.remove(report.removed)
             if report.removed:
                 self.store.vacuum_if_sparse()
