@@ -57,8 +57,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     if len(args.roots) > 1:
         raise MoCoRetrievalError(
-            "an index holds one root for now: run one `mocoretrieval watch ROOT --index DIR` "
-            "per folder"
+            "watch follows one folder for now: run one `mocoretrieval watch ROOT --index DIR` "
+            "per folder (each its own index)"
         )
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     index = open_index(

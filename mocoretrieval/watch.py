@@ -35,10 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import empty_folders
 from .errors import IgnoreRuleError, IndexBusyError
 from .ignore import excluding_rule
 from .layout import UpdateLock
+from .library_walk import held_in_empty, offline_keys
 from .pathsafety import under
 from .update import UpdateReport
 from .watch_events import MAX_WAIT_S, QUIET_S, Batch, Debouncer, any_wanted, event_paths
@@ -73,18 +73,29 @@ def count_changes(index: ImageIndex) -> int:
     """
     # ImageIndex's own walk and manifest reload, so that this agrees with update() exactly.
     index._sync()
-    stats, problems, unreadable, excluded = index._walk(index.manifest.get("exclude", []))
     known = index.store.files()
+    scan = index._walk(index.manifest.get("exclude", []), known, False)
+    stats, problems, unreadable, excluded = (
+        scan.stats,
+        scan.problems,
+        scan.unreadable,
+        scan.excluded,
+    )
+    offline = offline_keys(index.roots, scan.offline, known)  # an offline root's: kept
     n = sum(1 for p, st in stats.items() if p not in known or known[p][:2] != tuple(st))
     n += sum(
         1
         for p, (reason, st) in problems.items()
         if p not in known or (known[p].skip_reason, known[p][:2]) != (reason, tuple(st))
     )
-    gone = [p for p in known if p not in stats and p not in problems and not under(p, unreadable)]
+    gone = [
+        p
+        for p in known
+        if p not in stats and p not in problems and p not in offline and not under(p, unreadable)
+    ]
     if gone:
         kept = [p for p in gone if excluding_rule(p, excluded) is None]
-        held = empty_folders(index.root, kept, exclude=[index.path])
+        held = held_in_empty(index.roots, kept, index.path)
         n += len(gone) - sum(len(paths) for paths in held.values())
     return n
 
