@@ -308,3 +308,16 @@ def test_a_duplicate_across_roots_moves_under_its_key_and_comes_back(
     dedupe.undo(lib)
     assert (nas / "copy.png").is_file() and not (out / "nas" / "copy.png").exists()
     index.close()
+
+
+def test_watch_counts_no_change_for_an_offline_root(library, two_roots):
+    """Mutation: `count_changes` without the offline keys left out: the 3 files of the missing
+    root count as changes, and a polling watch would run an update for nothing."""
+    from mocoretrieval.watch import count_changes
+
+    _, nas, _ = two_roots
+    assert count_changes(library) == 0
+    nas.rename(nas.with_name("nas-away"))
+    assert count_changes(library) == 0
+    make_images(two_roots[0] / "new", 2, seed=9)
+    assert count_changes(library) == 2
