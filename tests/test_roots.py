@@ -115,8 +115,8 @@ def test_prune_empty_forgets_an_empty_root_but_never_a_missing_one(library, two_
 
 
 def test_moving_the_index_folder_and_a_root(library, two_roots, tiny_encoder, monkeypatch):
-    """Mutation: `move_root` without `table.move` (the row keeps the old folder): the moved root
-    stays offline and searches name the old paths."""
+    """Mutation: `move_root` without `table.move` (the row keeps the old folder): the root it
+    returns, and the library's, is still at the old folder (then offline, with old paths)."""
     _, nas, lib = two_roots
     library.close()
     moved_lib = lib.with_name("library-moved")
@@ -163,7 +163,8 @@ def test_an_old_single_root_index_opens_works_and_takes_a_second_root(
     tmp_path, tiny_encoder, monkeypatch
 ):
     """Mutation: `RootTable.add` without prefixing the first root's keys: its 4 files are keys
-    of no root once it has a name; the update forgets and re-embeds them (added 7, not 3)."""
+    of no root once it has a name; the update removes them (removed is not empty) and embeds
+    them again."""
     root, other = tmp_path / "photos", tmp_path / "nas"
     make_images(root, 4)
     make_images(other, 3, seed=1)
