@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 
 from .cli_common import add_backend_arguments, notify
-from .errors import MoCoRetrievalError
 from .update import UpdateReport
 
 
@@ -52,18 +51,15 @@ def _printer(quiet: bool) -> Callable[[UpdateReport], None]:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
+    from .cli_roots import known_roots
     from .models import open_index
     from .watch import Watcher
 
-    if len(args.roots) > 1:
-        raise MoCoRetrievalError(
-            "watch follows one folder for now: run one `mocoretrieval watch ROOT --index DIR` "
-            "per folder (each its own index)"
-        )
+    roots = args.roots or known_roots(args.index)  # no ROOT: every root of the index
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
     index = open_index(
         args.index,
-        root=args.roots[0],
+        root=roots[0] if len(roots) == 1 else roots,
         backend=args.backend,
         device=args.device,
         notify=None if args.quiet else notify,
@@ -86,13 +82,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     else f"polling every {args.interval:g} s"
                 )
                 print(
-                    f"watching {index.root} ({how}) into {index.path}; Ctrl-C to stop",
+                    f"watching {watcher.where} ({how}) into {index.path}; Ctrl-C to stop",
                     flush=True,
                 )
                 watcher.run()
         except KeyboardInterrupt:
             print(
-                f"stopped watching {index.root}; the index keeps every batch committed",
+                f"stopped watching {watcher.where}; the index keeps every batch committed",
                 file=sys.stderr,
             )
     return 0
@@ -102,13 +98,18 @@ def add_watch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "watch",
         help="keep the index of a folder current as photos come and go",
-        description="Index ROOT (as `index` does), then keep watching it: new, changed, moved "
+        description="Index the ROOTs (as `index` does), then keep watching them: new, changed, moved "
         "and deleted images are applied within seconds, in batches, by the same incremental "
         "update. Uses file-system events, or polls when they cannot be had (say, inotify's "
         "watch limit is reached: a warning says how to raise it). Ctrl-C or SIGTERM stops it "
         "cleanly.",
     )
-    p.add_argument("roots", nargs="+", metavar="ROOT", help="the folder of images")
+    p.add_argument(
+        "roots",
+        nargs="*",
+        metavar="ROOT",
+        help="folders of images (default: every root of the index; several need --index)",
+    )
     p.add_argument("--index", metavar="DIR", help="index directory (default ROOT/.mocoretrieval)")
     p.add_argument(
         "--polling",

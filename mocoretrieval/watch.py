@@ -193,7 +193,8 @@ class Watcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
-        self.root = Path(index.root)
+        self.roots = [Path(r.path) for r in index.roots]  # every root of the library
+        self.root = self.roots[0]
         self.mode = "polling" if polling else "events"
         self.interval, self.rescan, self.retry = interval, rescan, retry
         self.update_options = dict(update_options or {})
@@ -246,14 +247,19 @@ class Watcher:
             self._fall_back("watchdog is not installed (`pip install watchdog`)")
             return
         observer = (self._observer_factory or Observer)()
-        index_dir = os.path.relpath(os.path.realpath(self.index.path), os.path.realpath(self.root))
-        inside = None if index_dir.startswith("..") else index_dir.replace(os.sep, "/")
-        handler = _Handler(self.debouncer, str(self.root), inside)
         try:
-            try:  # only the events that can change the index, where watchdog can filter
-                observer.schedule(handler, str(self.root), recursive=True, event_filter=_filter())
-            except TypeError:  # watchdog < 4
-                observer.schedule(handler, str(self.root), recursive=True)
+            # One handler per root that is there: an offline root's return is seen by the
+            # rescan, which compares the whole library.
+            for root in self._present_roots():
+                index_dir = os.path.relpath(
+                    os.path.realpath(self.index.path), os.path.realpath(root)
+                )
+                inside = None if index_dir.startswith("..") else index_dir.replace(os.sep, "/")
+                handler = _Handler(self.debouncer, str(root), inside)
+                try:  # only the events that can change the index, where watchdog can filter
+                    observer.schedule(handler, str(root), recursive=True, event_filter=_filter())
+                except TypeError:  # watchdog < 4
+                    observer.schedule(handler, str(root), recursive=True)
             observer.start()
         except OSError as e:
             _stop(observer)
@@ -269,12 +275,20 @@ class Watcher:
         watches = inotify_watches()
         if watches is None or self._observer is None:
             return
-        folders = count_folders(self.root)
+        folders = sum(count_folders(root) for root in self._present_roots())
         if watches < folders:
             self._fall_back(
-                f"inotify watches only {watches} of the {folders} folders of {self.root} "
+                f"inotify watches only {watches} of the {folders} folders of {self.where} "
                 f"(fs.inotify.max_user_watches is reached); {WATCHES_HELP}"
             )
+
+    @property
+    def where(self) -> str:
+        """The watched folders, for messages."""
+        return ", ".join(str(root) for root in self.roots)
+
+    def _present_roots(self) -> list[Path]:
+        return [root for root in self.roots if root.is_dir()]
 
     def _fall_back(self, reason: str) -> None:
         _stop(self._observer)
@@ -283,7 +297,7 @@ class Watcher:
         self.debouncer.clear()  # polling takes no batches: the poll below covers them
         self._next_poll = self.clock()  # events may have been missed: look now
         log.warning(
-            "%s: watching %s by polling every %g s instead", reason, self.root, self.interval
+            "%s: watching %s by polling every %g s instead", reason, self.where, self.interval
         )
 
     def stop(self) -> None:

@@ -43,10 +43,12 @@ FOLDER_EVENTS = frozenset({"created", "deleted", "moved"})
 
 
 class Change(NamedTuple):
-    """One path an event touched, POSIX and relative to the root."""
+    """One path an event touched, POSIX and relative to ``root``, the watched folder it lies in
+    (empty: the one root the caller knows)."""
 
     path: str
     is_dir: bool
+    root: str = ""
 
 
 def _relative(path: str | bytes, root: str) -> str | None:
@@ -89,7 +91,7 @@ def event_paths(event: Any, root: str, index_dir: str | None = None) -> list[Cha
             continue
         name = rel.rsplit("/", 1)[-1]
         if is_dir or name == IGNORE_FILE or is_image_name(name):
-            out.append(Change(rel, is_dir))
+            out.append(Change(rel, is_dir, root))
     return out
 
 
@@ -119,8 +121,9 @@ def excluded(root: Path, change: Change, patterns: Sequence[str]) -> bool:
 
 def any_wanted(root: Path, changes: Iterable[Change], patterns: Sequence[str]) -> bool:
     """Whether the ignore rules leave any of ``changes`` in (the first one found will do: a
-    batch of 10,000 new photos costs one check, not 10,000)."""
-    return any(not excluded(root, c, patterns) for c in changes)
+    batch of 10,000 new photos costs one check, not 10,000). A change is checked against its
+    own root where it names one, else against ``root``."""
+    return any(not excluded(Path(c.root) if c.root else root, c, patterns) for c in changes)
 
 
 class Batch(NamedTuple):

@@ -87,7 +87,9 @@ def test_event_paths_keep_what_can_change_the_index(tmp_path):
     root = str(tmp_path)
 
     def paths(event) -> list[Change]:
-        return event_paths(event, root, ".mocoretrieval")
+        out = event_paths(event, root, ".mocoretrieval")
+        assert all(c.root == root for c in out)  # each change names the root it lies in
+        return [c._replace(root="") for c in out]
 
     assert paths(ev.FileCreatedEvent(f"{root}/a/x.JPG")) == [Change("a/x.JPG", False)]
     assert paths(ev.FileClosedEvent(f"{root}/x.heic")) == [Change("x.heic", False)]
@@ -383,6 +385,35 @@ def test_a_copied_photo_becomes_searchable(library, polling):
         finally:
             w.stop()
             thread.join(timeout=BOUND_S)
+    assert not thread.is_alive()
+
+
+def test_every_root_of_a_library_is_watched(tmp_path, encoder):
+    """A library of two roots: a photo copied into the second root (the one the index does not
+    live in) is found, by events. Broken on purpose: scheduling the observer on the first root
+    only (as before several roots) fails (the watch-count check falls back to polling); a change checked
+    against the first root's ignore files instead of its own is excluded there (checked by
+    `any_wanted` ignoring ``Change.root``)."""
+    photos, nas = tmp_path / "photos", tmp_path / "nas"
+    make_images(photos / "a", 2)
+    make_images(nas / "a", 2, seed=1)
+    (photos / ".mocoretrievalignore").write_text("new/\n")  # the first root's rule only
+    index = ImageIndex.create([photos, nas], encoder, tmp_path / "library")
+    w = Watcher(index, interval=0.2, quiet=0.2, rescan=None, update_options={"workers": 0})
+    with w:
+        assert w.mode == "events" and w.where == f"{photos}, {nas}"
+        thread = threading.Thread(target=w.run, daemon=True)
+        thread.start()
+        try:
+            _wait_for(lambda: len(index.paths()) == 4, "the first update")
+            photo = nas / "new" / "copy.jpg"
+            photo.parent.mkdir()
+            shutil.copy(photos / "a" / "img_0000.jpg", photo)
+            _wait_for(lambda: "nas/new/copy.jpg" in index.paths(), "indexing the copied photo")
+        finally:
+            w.stop()
+            thread.join(timeout=BOUND_S)
+    index.close()
     assert not thread.is_alive()
 
 
