@@ -304,7 +304,7 @@ def find_duplicates(index: Any, threshold: float, keep: str = "largest") -> Dupl
             return DuplicateView(message="**The index is empty.**")
         threshold = max(float(threshold), MIN_DUPLICATE_THRESHOLD)
         found = sorted(index.duplicates(threshold), key=len, reverse=True)
-        proposals = dedupe.suggest(found, keep, root=Path(index.root))
+        proposals = dedupe.suggest(found, keep, root=getattr(index, "relative", index.root))
     except MoCoRetrievalError as e:
         return DuplicateView(message=f"**Cannot look for duplicates:** {e}")
     except Exception:  # the page must never show a traceback; the server log keeps it

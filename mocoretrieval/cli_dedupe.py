@@ -32,7 +32,8 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
         groups = index.duplicates(args.threshold, similar=args.similar, progress=progress)
     finally:
         progress.close()
-    proposals = dedupe.suggest(groups, args.keep, args.reference or (), index.root)
+    # --keep PATTERN matches keys: relative to the root, NAME/... in a library of several.
+    proposals = dedupe.suggest(groups, args.keep, args.reference or (), index.relative)
     if args.move_to or args.trash:
         report = dedupe.apply(
             index, proposals, move_to=args.move_to, trash=args.trash, dry_run=args.dry_run

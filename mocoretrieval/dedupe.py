@@ -78,13 +78,16 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def keeper(paths: Sequence[str], rule: str, root: str | Path | None = None) -> str | None:
+def keeper(
+    paths: Sequence[str], rule: str, root: str | Path | Callable[[str], str] | None = None
+) -> str | None:
     """The member of ``paths`` (absolute, in group order) to keep under ``rule``.
 
     ``largest``: most pixels, then most bytes; ``oldest``/``newest``: by modification time;
     anything else is a glob matched against the path relative to ``root`` and the absolute
-    path (``'*/originals/*'``, ``'*.png'``): the first member matching it. Ties go to the first
-    path in order.
+    path (``'*/originals/*'``, ``'*.png'``): the first member matching it. ``root`` may be the
+    index's ``relative`` instead (a library of several roots): patterns then match the file's
+    key, ``NAME/...``. Ties go to the first path in order.
 
     Returns:
         The path, or None when a pattern matches no member (the group is then left alone).
@@ -101,7 +104,7 @@ def keeper(paths: Sequence[str], rule: str, root: str | Path | None = None) -> s
         best = max(sizes.values())
         return next(p for p in paths if sizes[p] == best)
     for p in paths:
-        rel = os.path.relpath(p, root) if root is not None else p
+        rel = root(p) if callable(root) else os.path.relpath(p, root) if root is not None else p
         if fnmatch.fnmatch(rel, rule) or fnmatch.fnmatch(p, rule):
             return p
     return None
@@ -116,7 +119,7 @@ def suggest(
     groups: Iterable[Any],
     keep: str = "largest",
     references: Sequence[str | os.PathLike] = (),
-    root: str | Path | None = None,
+    root: str | Path | Callable[[str], str] | None = None,
 ) -> list[Proposal]:
     """A proposal per group: one copy kept by ``keep``, the others proposed for removal.
 
@@ -128,7 +131,8 @@ def suggest(
         groups: :class:`~mocoretrieval.index.DuplicateGroup` objects (of ``SearchResult``).
         keep: ``largest``, ``oldest``, ``newest`` or a glob pattern (see :func:`keeper`).
         references: folders whose files are never proposed for removal.
-        root: the indexed root, for patterns on relative paths.
+        root: the indexed root, or the index's ``relative``, for patterns on relative paths
+            (see :func:`keeper`).
     """
     refs = [os.path.realpath(os.path.expanduser(r)) for r in references]
     out = []

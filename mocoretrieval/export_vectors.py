@@ -4,8 +4,10 @@ What a folder written by :func:`export_embeddings` holds::
 
     vectors-00000.npy ...  (rows, dim) arrays, L2-normalised; concatenated in name order they
                            are every stored vector, row r of the whole being row r of paths.csv
-    paths.csv              header ``row,path``: each row's image, relative to ``root``
-    embeddings.json        written last: count, dim, dtype, chunk files and their rows, root,
+    paths.csv              header ``row,path``: each row's image as the index keys it:
+                           relative to its root (``NAME/...`` in a library of several roots)
+    embeddings.json        written last: count, dim, dtype, chunk files and their rows, the
+                           roots (name, folder, key prefix; ``root``: the first one's folder),
                            the model (source, weights hash) and the index's store generation
 
 A folder without ``embeddings.json`` is an export that did not finish. Everything is read from
@@ -155,6 +157,9 @@ def export_embeddings(
                 "chunks": chunk_entries,
                 "paths": PATHS_FILE,
                 "root": str(opened.root),
+                "roots": [
+                    {"name": r.name, "path": str(r.path), "prefix": r.prefix} for r in opened.roots
+                ],
                 "index_dir": str(opened.path),
                 "model": {"source": encoder["source"], "weights_hash": encoder["weights_hash"]},
                 "store_generation": generation,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 from factories import make_images
@@ -309,6 +310,39 @@ def test_a_duplicate_across_roots_moves_under_its_key_and_comes_back(
     dedupe.undo(lib)
     assert (nas / "copy.png").is_file() and not (out / "nas" / "copy.png").exists()
     index.close()
+
+
+def test_keep_pattern_matches_the_key_in_a_library(two_roots, tiny_encoder):
+    """``--keep 'nas/*'`` keeps the copy in the root named nas: patterns match keys (NAME/...).
+    Mutation: `suggest` given the first root's folder (as with one root): the nas copy's path
+    relative to it is ``../mnt/nas/copy.png``, which the pattern misses, and the group is left
+    alone."""
+    from mocoretrieval import dedupe
+
+    photos, nas, lib = two_roots
+    shutil.copy(photos / "img_0003.png", nas / "copy.png")
+    index = ImageIndex.build([photos, nas], model=tiny_encoder, index_dir=lib, workers=WORKERS)
+    groups = [g for g in index.duplicates(0.99) if "nas/copy.png" in g.relpaths]
+    (proposal,) = dedupe.suggest(groups, "nas/*", root=index.relative)
+    assert proposal.keeper == str(nas / "copy.png")  # the first of the group under nas/
+    assert str(photos / "img_0003.png") in proposal.remove
+    index.close()
+
+
+def test_an_export_of_a_library_names_every_root(library, two_roots, tmp_path):
+    """paths.csv holds keys; embeddings.json the roots that turn them into files. Mutation:
+    the ``roots`` entry left out of the manifest (only the first root's folder, as before)."""
+    from mocoretrieval.export_vectors import export_embeddings
+
+    photos, nas, _ = two_roots
+    export_embeddings(library.path, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "embeddings.json").read_text())
+    roots = {r["prefix"]: Path(r["path"]) for r in manifest["roots"]}
+    assert roots == {"photos/": photos, "nas/": nas}
+    keys = (tmp_path / "out" / "paths.csv").read_text().split()[1:]
+    for key in (row.split(",", 1)[1] for row in keys):
+        prefix, rel = key.split("/", 1)
+        assert (roots[prefix + "/"] / rel).is_file()
 
 
 def test_watch_counts_no_change_for_an_offline_root(library, two_roots):
