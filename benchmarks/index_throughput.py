@@ -47,8 +47,8 @@ from PIL import Image
 from results import append_section
 
 from mocoretrieval import MoCoEncoder
-from mocoretrieval.data import walk_images
 from mocoretrieval.embed import available_cpus, iter_embeddings
+from mocoretrieval.walk import walk_images
 
 
 def pick_jpegs(

@@ -40,12 +40,12 @@ from index_throughput import cpu_seconds, describe, pick_jpegs
 from results import append_section
 
 from mocoretrieval import MoCoEncoder
-from mocoretrieval.data import walk_images
 from mocoretrieval.embed import available_cpus, iter_embeddings
 from mocoretrieval.index import ImageIndex
 from mocoretrieval.onnx_backend import OnnxEncoder
 from mocoretrieval.onnx_cache import cached_onnx
 from mocoretrieval.onnx_quantize import sample_evenly
+from mocoretrieval.walk import walk_images
 
 
 def link_folder(folder: Path, rel: list[str], dest: Path) -> Path:

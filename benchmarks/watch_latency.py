@@ -34,8 +34,8 @@ from results import append_section
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mocoretrieval.data import is_image_name, scan_images
 from mocoretrieval.models import open_index
+from mocoretrieval.walk import is_image_name, scan_images
 
 GOAL_S = 5.0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .data import IMAGE_EXTENSIONS, load_image, walk_images
+from .data import load_image
 from .embed import EmbeddedBatch, iter_embeddings
 from .embedder import DeferredModel, Embedder, EncoderConfig
 from .encoder import MoCoEncoder
@@ -24,6 +24,7 @@ from .onnx_export import export_onnx
 from .preprocess import Preprocess
 from .roots import Root, RootError, Roots
 from .sources import DEFAULT_MODEL, OFFICIAL, convert
+from .walk import IMAGE_EXTENSIONS, walk_images
 from .watch import Watcher
 
 # `import mocoretrieval` works without faiss installed (the training package needs none):

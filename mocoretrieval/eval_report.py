@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import walk_images
 from .errors import DatasetError
 from .eval_embed import Progress
+from .walk import walk_images
 
 
 def jsonable(value: Any) -> Any:

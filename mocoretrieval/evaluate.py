@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from .data import walk_images
 from .edits import COMBINED, get_preset, kinds_of, make_copies
 from .embedder import Embedder
 from .errors import DatasetError
@@ -26,6 +25,7 @@ from .eval_embed import RAW_PIXELS, embed_arrays, embed_files, load_models
 from .eval_report import ModelRun, Report, choose_images, folder_images, progress_steps
 from .metrics import KnnScores, RetrievalScores, knn_scores, single_target_scores, target_ranks
 from .sources import DEFAULT_MODEL
+from .walk import walk_images
 
 ALL = "all"  # the row of every copy together
 DATASETS = ("fashion-mnist",)

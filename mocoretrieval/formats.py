@@ -244,7 +244,7 @@ def collapse_raw_pairs(paths: Iterable[str]) -> tuple[list[str], dict[str, str]]
     when the folder and the name before the extension are equal; extensions match in any case.
 
     Args:
-        paths: file paths (POSIX, as :func:`.data.scan_images` lists them).
+        paths: file paths (POSIX, as :func:`.walk.scan_images` lists them).
 
     Returns:
         ``(kept, paired)``: the paths kept, in the order given, and each RAW path left out ->

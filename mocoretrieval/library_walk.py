@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import embed
-from .data import empty_folders, scan_images
 from .ignore import DEFAULTS, EXCLUDE, Rule
 from .roots import Root, Roots
 from .store import FileStat
+from .walk import empty_folders, scan_images
 
 OFFLINE_MISSING = "folder missing (unmounted or moved?)"
 OFFLINE_EMPTY = "folder empty (an unmounted drive?)"
@@ -135,7 +135,7 @@ def offline_keys(roots: Roots, offline: Iterable[str], keys: Iterable[str]) -> s
 
 def held_in_empty(roots: Roots, gone: Sequence[str], index_dir: Path) -> dict[str, list[str]]:
     """The keys of ``gone`` whose deepest existing folder lists nothing, by that folder's key
-    (see :func:`.data.empty_folders`); keys of no root are not held."""
+    (see :func:`.walk.empty_folders`); keys of no root are not held."""
     by_root: dict[int, list[tuple[str, str]]] = {}
     for key in gone:
         found = roots.locate(key)

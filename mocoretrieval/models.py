@@ -261,7 +261,7 @@ def _calibration(
     """``(images, what they stand for)`` to calibrate int8 on: the images of ``root`` that the
     update will index, i.e. what the ignore rules leave (the defaults, ``.mocoretrievalignore``
     files, and ``exclude``, or the existing index's ``--exclude`` patterns when None)."""
-    from .data import walk_images
+    from .walk import walk_images
 
     if exclude is None:
         try:

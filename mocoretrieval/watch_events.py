@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .data import is_image_name
 from .errors import IgnoreRuleError
 from .ignore import IGNORE_FILE, IgnoreRules
+from .walk import is_image_name
 
 # A copy of a photo is a burst of events (create, writes, close) within a fraction of a second;
 # one second of quiet ends most bursts while keeping a copied photo searchable within seconds

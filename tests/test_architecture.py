@@ -238,7 +238,7 @@ def test_app_import_scan_sees_module_level_and_nested_imports(tmp_path):
 # The `index` command's path, as the issue names it: cli -> models -> index -> embed -> store.
 # The index layer is ImageIndex, one class whose concerns live in one module each (index,
 # encoder_pin, search, update). Modules outside these layers are left out of the order: helpers
-# any layer may call and that call no layer (errors, layout, pathsafety, data, formats,
+# any layer may call and that call no layer (errors, layout, pathsafety, walk, data, formats,
 # decode_pool, preprocess, store_db, faiss_file, ann, embedder), the front end's helpers
 # (cli_common: its progress bar is handed down as a callback; cli_eval and others the parser
 # imports), and the model code (sources, hub, encoder, backbones, heads, onnx_*), whose callers

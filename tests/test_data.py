@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mocoretrieval.data import (
-    IMAGE_EXTENSIONS,
-    encode_thumbnail,
-    load_image,
-    scan_images,
-    to_rgb,
-    walk_images,
-)
+from mocoretrieval.data import encode_thumbnail, load_image, to_rgb
 from mocoretrieval.decode_pool import ImageFileDataset, collate
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
+from mocoretrieval.walk import IMAGE_EXTENSIONS, scan_images, walk_images
 
 
 def _texture(w: int, h: int, seed: int = 0) -> np.ndarray:

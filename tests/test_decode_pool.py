@@ -22,6 +22,7 @@ from factories import make_images
 from mocoretrieval import data
 from mocoretrieval.decode_pool import ImageFileDataset, decode_batches
 from mocoretrieval.embed import plan_chunks
+from mocoretrieval.walk import walk_images
 
 pytestmark = pytest.mark.skipif(
     mp.get_start_method() != "fork", reason="faults are injected into forked workers"
@@ -37,7 +38,7 @@ def _pixels(img):  # a fixed-size uint8 crop, as Preprocess.pixels gives
 @pytest.fixture
 def files(tmp_path) -> tuple[Path, list[str]]:
     make_images(tmp_path, N)
-    return tmp_path, data.walk_images(tmp_path)
+    return tmp_path, walk_images(tmp_path)
 
 
 def _decode(files, workers: int = 2, timeout: float | None = None, batch: int = 4):

@@ -14,7 +14,7 @@ from test_data import (
 )  # `conftest` is ambiguous: tests/training has one too
 
 from mocoretrieval import MoCoEncoder
-from mocoretrieval.data import load_image, walk_images
+from mocoretrieval.data import load_image
 from mocoretrieval.embed import (
     EmbeddedBatch,
     auto_workers,
@@ -24,6 +24,7 @@ from mocoretrieval.embed import (
     resolve_device,
 )
 from mocoretrieval.errors import MoCoRetrievalError
+from mocoretrieval.walk import walk_images
 
 
 def _collect(batches: list[EmbeddedBatch]) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:

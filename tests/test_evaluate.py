@@ -14,10 +14,10 @@ from factories import make_images
 import mocoretrieval.eval_duplicates as eval_duplicates_module
 import mocoretrieval.evaluate as evaluate_module
 from mocoretrieval.cli import main
-from mocoretrieval.data import walk_images
 from mocoretrieval.errors import DatasetError
 from mocoretrieval.eval_embed import RAW_PIXELS, RawPixels, embed_files
 from mocoretrieval.evaluate import ALL, eval_copies, eval_duplicates, eval_knn
+from mocoretrieval.walk import walk_images
 
 
 class ConstantEncoder(RawPixels):

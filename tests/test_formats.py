@@ -15,8 +15,9 @@ from dng import write_dng
 from PIL import Image
 
 from mocoretrieval import formats
-from mocoretrieval.data import load_image, scan_images, walk_images
+from mocoretrieval.data import load_image
 from mocoretrieval.errors import ImageError
+from mocoretrieval.walk import scan_images, walk_images
 
 RED, BLUE = (200, 30, 40), (30, 60, 200)
 PREVIEW_GREEN = (40, 180, 60)  # a preview colour the RAW scene lacks: says which path ran

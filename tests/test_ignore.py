@@ -15,10 +15,10 @@ import pytest
 from factories import make_images
 
 from mocoretrieval.cli import main
-from mocoretrieval.data import scan_images, walk_images
 from mocoretrieval.errors import IgnoreRuleError
 from mocoretrieval.ignore import DEFAULT_PATTERNS, DEFAULTS, EXCLUDE, IgnoreRules
 from mocoretrieval.layout import MANIFEST
+from mocoretrieval.walk import scan_images, walk_images
 
 
 def _touch(root: Path, *paths: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mocoretrieval.data import IMAGE_EXTENSIONS, load_image, walk_images
+from mocoretrieval.data import load_image
 from mocoretrieval.datasets import (  # noqa: F401 (re-exported: training reads them from here)
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
@@ -28,6 +28,7 @@ from mocoretrieval.datasets import (  # noqa: F401 (re-exported: training reads 
     read_idx,
 )
 from mocoretrieval.errors import DatasetError, ImageError
+from mocoretrieval.walk import IMAGE_EXTENSIONS, walk_images
 
 logger = logging.getLogger(__name__)
 

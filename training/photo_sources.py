@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mocoretrieval.data import walk_images
 from mocoretrieval.errors import DatasetError
+from mocoretrieval.walk import walk_images
 
 logger = logging.getLogger(__name__)
 

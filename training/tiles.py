@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mocoretrieval.data import load_image, walk_images
+from mocoretrieval.data import load_image
 from mocoretrieval.errors import DatasetError, ImageError
+from mocoretrieval.walk import walk_images
 
 TILE_QUALITY = 95
 MARKER = "tiles.txt"  # written last: a folder without it is not (or not yet) a tile folder

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mocoretrieval.data import walk_images
 from mocoretrieval.errors import DatasetError
 from mocoretrieval.eval_duplicates import read_groups
+from mocoretrieval.walk import walk_images
 from training import photos
 from training.photo_sources import SOURCES, Credit, Source, find_pictures, install_line
 from training.photos import SPLITS
