@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import embed
-from .ignore import DEFAULTS, EXCLUDE, Rule
+from .ignore import DEFAULTS, EXCLUDE, Rule, excluding_rule
+from .pathsafety import under
 from .roots import Root, Roots
 from .store import FileStat
 from .walk import empty_folders, scan_images
@@ -165,3 +166,40 @@ def iter_library_embeddings(
             batch.paths = [to_key[p] for p in batch.paths]
             batch.skipped = [(to_key[p], why) for p, why in batch.skipped]
             yield batch
+
+
+def count_changes(index: Any) -> int:
+    """How many files an update of ``index`` (an ``ImageIndex``: typed loosely, as the index
+    imports this module) would add, re-embed, record or remove now.
+
+    The folder is walked as the update walks it (same ignore rules, same files) and compared
+    with the index's stat records; what an update keeps (files under a folder that cannot be
+    listed or that lists nothing: an unmounted drive) is not a change. Reads only.
+    """
+    # ImageIndex's own walk and manifest reload, so that this agrees with update() exactly.
+    index._sync()
+    known = index.store.files()
+    scan = index._walk(index.manifest.get("exclude", []), known, False)
+    stats, problems, unreadable, excluded = (
+        scan.stats,
+        scan.problems,
+        scan.unreadable,
+        scan.excluded,
+    )
+    offline = offline_keys(index.roots, scan.offline, known)  # an offline root's: kept
+    n = sum(1 for p, st in stats.items() if p not in known or known[p][:2] != tuple(st))
+    n += sum(
+        1
+        for p, (reason, st) in problems.items()
+        if p not in known or (known[p].skip_reason, known[p][:2]) != (reason, tuple(st))
+    )
+    gone = [
+        p
+        for p in known
+        if p not in stats and p not in problems and p not in offline and not under(p, unreadable)
+    ]
+    if gone:
+        kept = [p for p in gone if excluding_rule(p, excluded) is None]
+        held = held_in_empty(index.roots, kept, index.path)
+        n += len(gone) - sum(len(paths) for paths in held.values())
+    return n

@@ -11,8 +11,8 @@ measures what the whole-root walk costs).
 
 Polling — asked for, or on its own when events cannot be had (inotify's watch or instance
 limit reached, an observer that died) — compares the folder with the index's own stat records
-every ``interval`` seconds (:func:`count_changes`) and updates when they differ. Nothing is
-kept between two polls; watchdog's ``PollingObserver`` would hold a stat of every file. Polls
+every ``interval`` seconds (:func:`.library_walk.count_changes`) and updates when they differ.
+Nothing is kept between two polls; watchdog's ``PollingObserver`` would hold a stat of every file. Polls
 stretch to ten times the walk they take, so a huge tree is not walked without rest. In event
 mode the same comparison runs every ``rescan`` seconds: it catches what events miss (a network
 share changed by another machine, an event queue that overflowed).
@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import IgnoreRuleError, IndexBusyError
-from .ignore import excluding_rule
 from .layout import UpdateLock
-from .library_walk import held_in_empty, offline_keys
-from .pathsafety import under
+from .library_walk import count_changes
 from .update import UpdateReport
 from .watch_events import MAX_WAIT_S, QUIET_S, Batch, Debouncer, any_wanted, event_paths
 
@@ -62,42 +60,6 @@ INSTANCES_HELP = (
     "raise the limit with `sudo sysctl fs.inotify.max_user_instances=1024` (and keep it in "
     "/etc/sysctl.d/90-inotify.conf)"
 )
-
-
-def count_changes(index: ImageIndex) -> int:
-    """How many files an update of ``index`` would add, re-embed, record or remove now.
-
-    The folder is walked as the update walks it (same ignore rules, same files) and compared
-    with the index's stat records; what an update keeps (files under a folder that cannot be
-    listed or that lists nothing: an unmounted drive) is not a change. Reads only.
-    """
-    # ImageIndex's own walk and manifest reload, so that this agrees with update() exactly.
-    index._sync()
-    known = index.store.files()
-    scan = index._walk(index.manifest.get("exclude", []), known, False)
-    stats, problems, unreadable, excluded = (
-        scan.stats,
-        scan.problems,
-        scan.unreadable,
-        scan.excluded,
-    )
-    offline = offline_keys(index.roots, scan.offline, known)  # an offline root's: kept
-    n = sum(1 for p, st in stats.items() if p not in known or known[p][:2] != tuple(st))
-    n += sum(
-        1
-        for p, (reason, st) in problems.items()
-        if p not in known or (known[p].skip_reason, known[p][:2]) != (reason, tuple(st))
-    )
-    gone = [
-        p
-        for p in known
-        if p not in stats and p not in problems and p not in offline and not under(p, unreadable)
-    ]
-    if gone:
-        kept = [p for p in gone if excluding_rule(p, excluded) is None]
-        held = held_in_empty(index.roots, kept, index.path)
-        n += len(gone) - sum(len(paths) for paths in held.values())
-    return n
 
 
 def inotify_watches() -> int | None:
