@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import ann
-from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS, pairs_of
+from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DUPLICATE_NEIGHBOURS
 from .embedder import DeferredModel, Embedder
 from .encoder_pin import EncoderPin, Model
 from .errors import IndexChangedError, MoCoRetrievalError
@@ -350,49 +350,6 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating, LibraryRoots):
         raise IndexChangedError(
             f"the index at {self.path} keeps being re-embedded; search again when it is done"
         )
-
-    # --- duplicate decisions ---------------------------------------------------------------
-
-    def mark_not_duplicates(self, paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
-        """Records that ``paths`` are not duplicates of each other, pair by pair: later
-        :meth:`duplicates` never group any two of them (A-B apart still lets A and C group).
-
-        Args:
-            paths: two or more indexed images, absolute or as keys (:meth:`paths`).
-
-        Returns:
-            The pairs recorded, relative paths.
-
-        Raises:
-            MoCoRetrievalError: fewer than two paths, or one that is not indexed.
-        """
-        rels = sorted({self.relative(p) for p in paths})
-        if len(rels) < 2:
-            raise MoCoRetrievalError("name at least two different images that are not duplicates")
-        for rel in rels:
-            record = self.store.file(rel)
-            if record is None or record.vector_id is None:
-                raise MoCoRetrievalError(f"{display(rel)} is not an indexed image of {self.path}")
-        pairs = pairs_of(rels)
-        with UpdateLock(self.path):  # a writer, like update: the lock before the first change
-            self._writable()
-            self.store.add_not_duplicates(pairs)
-        return pairs
-
-    def forget(self, paths: Sequence[str]) -> None:
-        """Drops files moved away from the folder (relative paths) from the index now, as the
-        next :meth:`update` would, and brings ``index.faiss`` in line.
-
-        Raises:
-            IndexBusyError: an update holds the lock; the next update drops them instead.
-        """
-        if not paths:
-            return
-        with UpdateLock(self.path):
-            self._sync()
-            self._writable()
-            self.store.remove(list(paths))
-            self.faiss.refresh(save=True)
 
     def info(self) -> dict[str, Any]:
         """Model, count, dimension, index type, last update, skipped and excluded files.

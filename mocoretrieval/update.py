@@ -7,6 +7,7 @@ directory, always under its lock.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import ann, embed
+from .duplicates import pairs_of
 from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .faiss_file import FaissFile
@@ -84,7 +86,8 @@ class UpdateReport:
 
 
 class Updating:
-    """The writing half of `ImageIndex`: :meth:`update` and what only it calls, under the lock."""
+    """The writing half of `ImageIndex`: :meth:`update` and what only it calls, and the other
+    writers (:meth:`mark_not_duplicates`, :meth:`forget`), each under the lock."""
 
     # Set by ImageIndex.__init__.
     path: Path
@@ -107,6 +110,7 @@ class Updating:
     _apply_roots: Callable[[], list[str]]
     _save_manifest: Callable[[], None]
     _encoder_entry: Callable[[Embedder, str | None], dict[str, Any]]
+    relative: Callable[[str | os.PathLike], str]
 
     def update(
         self,
@@ -329,3 +333,46 @@ class Updating:
         if self.store.readonly:
             self.store.close()
             self.store = self.faiss.store = Store(self.path / DATABASE, self.dim)
+
+    # --- the other writers: duplicate decisions, files moved away ---------------------------
+
+    def mark_not_duplicates(self, paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
+        """Records that ``paths`` are not duplicates of each other, pair by pair: later
+        :meth:`duplicates` never group any two of them (A-B apart still lets A and C group).
+
+        Args:
+            paths: two or more indexed images, absolute or as keys (:meth:`paths`).
+
+        Returns:
+            The pairs recorded, relative paths.
+
+        Raises:
+            MoCoRetrievalError: fewer than two paths, or one that is not indexed.
+        """
+        rels = sorted({self.relative(p) for p in paths})
+        if len(rels) < 2:
+            raise MoCoRetrievalError("name at least two different images that are not duplicates")
+        for rel in rels:
+            record = self.store.file(rel)
+            if record is None or record.vector_id is None:
+                raise MoCoRetrievalError(f"{display(rel)} is not an indexed image of {self.path}")
+        pairs = pairs_of(rels)
+        with UpdateLock(self.path):  # a writer, like update: the lock before the first change
+            self._writable()
+            self.store.add_not_duplicates(pairs)
+        return pairs
+
+    def forget(self, paths: Sequence[str]) -> None:
+        """Drops files moved away from the folder (relative paths) from the index now, as the
+        next :meth:`update` would, and brings ``index.faiss`` in line.
+
+        Raises:
+            IndexBusyError: an update holds the lock; the next update drops them instead.
+        """
+        if not paths:
+            return
+        with UpdateLock(self.path):
+            self._sync()
+            self._writable()
+            self.store.remove(list(paths))
+            self.faiss.refresh(save=True)
