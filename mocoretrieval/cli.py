@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .cli_common import INDEX_HELP as _INDEX_HELP
 from .cli_common import Progress, add_backend_arguments, notify
@@ -20,6 +21,9 @@ from .cli_dedupe import add_duplicates as _add_duplicates
 from .cli_dedupe import add_undo as _add_undo
 from .cli_export import add_export_embeddings as _add_export_embeddings
 from .errors import MoCoRetrievalError
+
+if TYPE_CHECKING:
+    from .sharded_embedding import ShardedEmbedding
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -124,6 +128,17 @@ def _count(n: int, noun: str) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from .ranks import launched_by_torchrun
+
+    if launched_by_torchrun():  # every rank embeds a share; rank 0 merges and reports
+        from .cli_distributed import index_on_ranks
+
+        return index_on_ranks(args, _index_folder)
+    return _index_folder(args)
+
+
+def _index_folder(args: argparse.Namespace, step: ShardedEmbedding | None = None) -> int:
+    from .cli_distributed import leftover_shards
     from .models import open_index
 
     index = open_index(
@@ -139,6 +154,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
     )
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
+    step = step or leftover_shards(index.path, args)  # an interrupted torchrun's, to merge
     progress = Progress(args.quiet)
     try:
         report = index.update(
@@ -148,11 +164,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
             progress=progress,
             prune_empty=args.prune_empty,
             exclude=exclude,
+            embed_step=step,
         )
     finally:
         progress.close()
     info = index.info()
     print(f"indexed {index.root} into {index.path}: {info['count']} images, {info['index_type']}")
+    if step is not None:
+        print(f"  {step.summary()}")
     print(
         f"added {len(report.added)}, updated {len(report.updated)}, removed "
         f"{len(report.removed)}, skipped {report.num_skipped} in {report.seconds:.1f} s "
