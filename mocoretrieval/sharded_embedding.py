@@ -256,7 +256,7 @@ class ShardedEmbedding:
         return (
             f"{self.ranks.world_size} ranks embedded {per_rank} files ({self.reused} found done "
             f"in the shards of an earlier run) in {self.embed_seconds:.1f} s; merged in "
-            f"{self.merge_seconds:.1f} s"
+            f"{self.merge_seconds:.3f} s"
         )
 
 

@@ -129,6 +129,8 @@ def test_deal_balances_counts_and_bytes_deterministically():
         sorted(s, key=list(reversed(sizes)).index) for s in shares
     ]  # the same files per rank whatever the order given; each share in the order given
     assert deal({}, 3) == [[], [], []]
+    one_big = {"big": 1000, **{f"small{i:02d}": 10 for i in range(99)}}
+    assert [len(share) for share in deal(one_big, 2)] == [50, 50]  # by bytes alone: 1 and 99
 
 
 def test_two_ranks_index_like_one_process(image_folder, tiny_encoder_dir, tmp_path, reference):
@@ -136,9 +138,9 @@ def test_two_ranks_index_like_one_process(image_folder, tiny_encoder_dir, tmp_pa
     results, 9 files per rank; while another writer holds the index's lock, nothing is written
     and every rank ends.
 
-    Mutations caught: a rank embedding the whole list (or another's share), a merge in shard
-    order instead of the walk's (other vector ids), shards not deleted, ranks 1.. writing
-    without rank 0's lock (shards appear while the lock is held).
+    Mutation caught: merging shard by shard instead of in the walk's order (the vectors get
+    other ids than one process gives them). The busy run checks that a rank 0 refused the lock
+    leaves no store and no shard behind, and that the other ranks end instead of waiting.
     """
     out = tmp_path / "two-ranks"
     args = ["-m", "mocoretrieval", "index", str(image_folder), "--index", str(out)]
