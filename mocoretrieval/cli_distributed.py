@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from .embedder import Embedder
 from .ranks import Ranks
@@ -43,7 +44,7 @@ def index_on_ranks(
         ranks.close()
 
 
-def leftover_shards(index_path, args: argparse.Namespace) -> ShardedEmbedding | None:
+def leftover_shards(index_path: Path, args: argparse.Namespace) -> ShardedEmbedding | None:
     """Outside ``torchrun``: the step that merges the shards an interrupted distributed run
     left in the index (and embeds the rest in this process), or None when there are none."""
     if not shard_files(index_path):

@@ -32,6 +32,7 @@ DRIVER = """
 import json, os, sys
 from mocoretrieval import embed
 from mocoretrieval.cli import main
+from mocoretrieval.errors import MoCoRetrievalError
 
 LOG, RANK = sys.argv[1], int(os.environ["RANK"])
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -48,6 +49,8 @@ def counting(*args, **kwargs):
     def each():
         for i, batch in enumerate(batches):
             if ATTEMPT == 0 and RANK == 1 and i == 1:
+                if os.environ.get("RANK1_FAILS"):  # an error, not a death: rank 0 is told
+                    raise MoCoRetrievalError("disk on fire")
                 os._exit(1)
             log("embedded", batch)
             yield batch
@@ -59,7 +62,9 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _torchrun(tmp_path: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
+def _torchrun(
+    tmp_path: Path, *args: str, restarts: int = 0, **env: str
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -71,7 +76,7 @@ def _torchrun(tmp_path: Path, *args: str, restarts: int = 0) -> subprocess.Compl
         str(restarts),
         *args,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
     return subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300
     )
@@ -187,6 +192,23 @@ def test_a_rank_that_dies_loses_only_its_batch_in_flight(
     reused = re.search(r"\((\d+) found done in the shards", proc.stdout)
     assert reused and int(reused.group(1)) >= len(committed)
     _assert_same_index(out, reference, sorted(image_folder.rglob("*.png"))[:4])
+
+
+def test_a_rank_that_fails_is_reported_by_rank_0(image_folder, tiny_encoder_dir, tmp_path):
+    """Rank 1 raises after its first batch: rank 0 says which rank failed and why, every rank
+    ends, and the batches done stay in the shards for the next run.
+
+    Mutation caught: a failing rank that does not report to rank 0 (no gather before it
+    raises): rank 0 waits for it, and torchrun ends the run without rank 0's message.
+    """
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "two-ranks"
+    args = [str(driver), str(tmp_path / "log"), "index", str(image_folder), "--index", str(out)]
+    proc = _torchrun(tmp_path, *args, "--model", str(tiny_encoder_dir), *FLAGS, RANK1_FAILS="1")
+    assert proc.returncode != 0
+    assert "rank 1: disk on fire. The batches done are kept in" in proc.stderr
+    assert (out / SHARDS_DIRNAME / "rank-00001-of-00002.db").is_file()
 
 
 def test_one_process_merges_shards_of_another_world_size(
