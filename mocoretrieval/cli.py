@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .cli_common import INDEX_HELP as _INDEX_HELP
 from .cli_common import Progress, add_backend_arguments, notify
@@ -25,6 +26,9 @@ from .cli_roots import add_roots as _add_roots
 from .cli_roots import known_roots, print_roots
 from .cli_watch import add_watch as _add_watch
 from .errors import MoCoRetrievalError
+
+if TYPE_CHECKING:
+    from .sharded_embedding import ShardedEmbedding
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -82,6 +86,17 @@ def _count(n: int, noun: str) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from .ranks import launched_by_torchrun
+
+    if launched_by_torchrun():  # every rank embeds a share; rank 0 merges and reports
+        from .cli_distributed import index_on_ranks
+
+        return index_on_ranks(args, _index_folder)
+    return _index_folder(args)
+
+
+def _index_folder(args: argparse.Namespace, step: ShardedEmbedding | None = None) -> int:
+    from .cli_distributed import leftover_shards
     from .models import open_index
 
     exclude = args.exclude if args.exclude is not None else [] if args.no_exclude else None
@@ -99,6 +114,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
         exclude=exclude,  # int8 calibration leaves out what the update will
     )
+    step = step or leftover_shards(index.path, args)  # an interrupted torchrun's, to merge
     progress = Progress(args.quiet)
     try:
         report = index.update(
@@ -108,12 +124,15 @@ def _cmd_index(args: argparse.Namespace) -> int:
             progress=progress,
             prune_empty=args.prune_empty,
             exclude=exclude,
+            embed_step=step,
         )
     finally:
         progress.close()
     info = index.info()
     where = ", ".join(str(r.path) for r in index.roots)
     print(f"indexed {where} into {index.path}: {info['count']} images, {info['index_type']}")
+    if step is not None:
+        print(f"  {step.summary()}")
     print(
         f"added {len(report.added)}, updated {len(report.updated)}, removed "
         f"{len(report.removed)}, skipped {report.num_skipped} in {report.seconds:.1f} s "

@@ -63,6 +63,15 @@ class StoredThumbnail(NamedTuple):
     jpeg: bytes
 
 
+class StoredEntry(NamedTuple):
+    """One file as a store holds it: its record, and its embedding (float32) and thumbnail
+    when it was embedded (None when skipped, or made without a thumbnail)."""
+
+    record: FileRecord
+    vector: np.ndarray | None
+    thumbnail: bytes | None
+
+
 class Store:
     """The SQLite database of one index directory.
 
@@ -291,6 +300,24 @@ class Store:
                 (path,),
             ).fetchone()
         return None if row is None else decode_vectors([row], self.dim, self.path, dtype)[1][0]
+
+    def entries(self, paths: Sequence[str]) -> dict[str, StoredEntry]:
+        """What the store holds of each of ``paths`` that it knows, in one query per
+        :data:`_IN_CHUNK` paths: what a merge of shard stores copies (:mod:`.shards`)."""
+        rows = self._select_in(
+            "SELECT f.path, f.size, f.mtime_ns, f.vector_id, f.skip_reason, v.vector, t.jpeg "
+            "FROM files f LEFT JOIN vectors v ON v.id = f.vector_id "
+            "LEFT JOIN thumbnails t ON t.vector_id = f.vector_id WHERE f.path IN ({marks})",
+            list(paths),
+        )
+        dtype = self.dtype
+        out = {}
+        for path, size, mtime_ns, vector_id, reason, blob, jpeg in rows:
+            vector = None
+            if blob is not None:
+                vector = decode_vectors([(vector_id, blob)], self.dim, self.path, dtype)[1][0]
+            out[path] = StoredEntry(FileRecord(size, mtime_ns, vector_id, reason), vector, jpeg)
+        return out
 
     def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
         """The stored thumbnails of embedded files, by relative path (files without one, or an

@@ -39,6 +39,9 @@ from .store import FileStat, Store
 
 log = logging.getLogger(__name__)
 
+# How ``update`` can have its files embedded elsewhere (see its ``embed_step`` argument).
+EmbedStep = Callable[..., None]
+
 
 @dataclass
 class UpdateReport:
@@ -121,6 +124,7 @@ class Updating:
         progress: Callable[[int, int], None] | None = None,
         prune_empty: bool = False,
         exclude: Sequence[str] | None = None,
+        embed_step: EmbedStep | None = None,
     ) -> UpdateReport:
         """Brings the index in line with the folder: embeds new and changed files (by size and
         mtime), forgets deleted ones, and leaves the rest alone.
@@ -150,6 +154,10 @@ class Updating:
                 missing is kept all the same (remove it with :meth:`remove_root`).
             exclude: gitignore patterns, relative to each root, to leave out; kept in the
                 manifest for the next updates. None keeps the index's; ``[]`` drops them.
+            embed_step: embeds the files to embed instead of this process; called (also with
+                none) as ``embed_step(index, todo, stats, known, report, progress)`` under the
+                lock, e.g. a :class:`~mocoretrieval.sharded_embedding.ShardedEmbedding` that
+                shares them among torchrun's ranks. None embeds them here.
 
         Raises:
             IgnoreRuleError: a pattern is malformed or an ignore file unreadable; nothing is
@@ -219,7 +227,9 @@ class Updating:
                 self.store.vacuum_if_sparse()
             self._record_problems(problems, known, report)
             todo = [p for p, st in stats.items() if p not in known or known[p][:2] != tuple(st)]
-            if todo:
+            if embed_step is not None:
+                embed_step(self, todo, stats, known, report, progress)
+            elif todo:
                 done = 0
                 if progress is not None:
                     progress(0, len(todo))  # the bar appears before the model loads
