@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ import torch
 from . import embed
 from .embedder import Embedder
 from .errors import MoCoRetrievalError, ModelMismatchError
+from .library_walk import iter_library_embeddings
 from .ranks import Ranks
+from .roots import Root, Roots
 from .shards import deal, merge, open_shard, remove_shards, shard_file, survey
 from .store import FileRecord, FileStat, Store
 
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 class Plan:
     """What rank 0 sends each rank: its files and the shard to embed them into."""
 
-    root: str = ""
+    roots: list[Root] = field(default_factory=list)  # the library's, to find each key's file
     shard: str = ""
     files: list[tuple[str, int, int]] = field(default_factory=list)  # (path, size, mtime_ns)
     source: str | None = None  # the index's model, to load it from
@@ -84,7 +87,7 @@ def _bf16(encoder: Embedder, device: torch.device) -> contextlib.AbstractContext
 def embed_into(
     shard: Store,
     encoder: Embedder,
-    root: Path,
+    roots: Roots | Path,
     files: list[tuple[str, int, int]],
     *,
     batch_size: int | None,
@@ -93,7 +96,8 @@ def embed_into(
     local_world_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Embeds ``files`` (path, size, mtime_ns) into ``shard``, one transaction per batch.
+    """Embeds ``files`` (key, size, mtime_ns) into ``shard``, one transaction per batch; each
+    key is found under its root of ``roots`` (a folder: one root whose keys are plain paths).
 
     Returns:
         The files done (embedded or skipped).
@@ -104,8 +108,16 @@ def embed_into(
     dev = embed.resolve_device(device)
     if workers is None:  # the machine's decoders are shared among its ranks
         workers = max(1, embed.auto_workers(len(files), dev) // max(1, local_world_size))
-    batches = embed.iter_embeddings(
-        encoder, root, list(stats), batch_size=batch_size, workers=workers, device=dev
+    if isinstance(roots, (str, os.PathLike)):
+        roots = Roots([Root(0, "", Path(roots), bare=True)])
+    where = {}
+    for key in stats:
+        found = roots.locate(key)
+        if found is None:
+            raise MoCoRetrievalError(f"{key} is of no root of the library; run the command again")
+        where[key] = found
+    batches = iter_library_embeddings(
+        encoder, where, list(stats), batch_size=batch_size, workers=workers, device=dev
     )
     done = 0
     try:
@@ -201,7 +213,7 @@ class ShardedEmbedding:
         shares = deal({p: stats[p].size for p in remaining}, self.ranks.world_size)
         plans = [
             Plan(
-                root=str(index.root),
+                roots=list(index.roots),
                 shard=str(shard_file(index.path, rank, self.ranks.world_size)),
                 files=[(p, *stats[p]) for p in share],
                 source=pin["source"],
@@ -283,7 +295,7 @@ def _run(
                 outcome.files = embed_into(
                     shard,
                     encoder,
-                    Path(plan.root),
+                    Roots(plan.roots),
                     plan.files,
                     batch_size=opts.batch_size,
                     workers=opts.workers,

@@ -164,6 +164,31 @@ def test_two_ranks_index_like_one_process(image_folder, tiny_encoder_dir, tmp_pa
     _assert_same_index(out, reference, sorted(image_folder.rglob("*.jpg"))[:4])
 
 
+def test_two_ranks_index_a_library_of_two_roots_like_one_process(
+    image_folder, tiny_encoder_dir, tmp_path
+):
+    """A library of two roots (keys ``NAME/...``): each rank finds every key's file under its
+    own root, and the index equals one process's.
+
+    Mutation caught: a plan carrying the first root only (as before several roots): the
+    second root's keys are of no root the rank knows, and the run fails (checked)."""
+    from factories import make_images
+
+    nas = tmp_path / "nas"
+    make_images(nas, 6, seed=2)
+    roots = [str(image_folder), str(nas)]
+    one = tmp_path / "one-process"
+    assert (
+        main(["index", *roots, "--index", str(one), "--model", str(tiny_encoder_dir), *FLAGS]) == 0
+    )
+    out = tmp_path / "two-ranks"
+    args = ["-m", "mocoretrieval", "index", *roots, "--index", str(out)]
+    proc = _torchrun(tmp_path, *args, "--model", str(tiny_encoder_dir), *FLAGS)
+    assert proc.returncode == 0, _errors(proc)
+    assert "added 24" in proc.stdout and "skipped 0" in proc.stdout
+    _assert_same_index(out, one, [nas / "img_0000.jpg", image_folder / "img_0001.png"])
+
+
 def test_a_rank_that_dies_loses_only_its_batch_in_flight(
     image_folder, tiny_encoder_dir, tmp_path, reference
 ):
