@@ -154,7 +154,7 @@ def test_two_ranks_index_like_one_process(image_folder, tiny_encoder_dir, tmp_pa
     with UpdateLock(out):  # another `mocoretrieval index` at work
         busy = _torchrun(tmp_path, *args)
     assert busy.returncode != 0
-    assert "another `mocoretrieval index` is updating" in busy.stderr
+    assert "another `mocoretrieval index`, `watch` or `undo` is writing" in busy.stderr
     assert not (out / SHARDS_DIRNAME).exists() and not (out / DATABASE).exists()
 
     proc = _torchrun(tmp_path, *args)
