@@ -316,16 +316,19 @@ class Api:
         shown = [r for r in hits if self.shown(r.relpath)]
         return {
             "k": k,
-            "results": [self.item(base, r.relpath, r.score) for r in shown],
+            "results": [self.item(base, r.relpath, r.score, r.timestamp) for r in shown],
             "left_out": len(hits) - len(shown),
         }
 
     @staticmethod
-    def item(base: str, rel: str, score: float) -> dict[str, Any]:
+    def item(base: str, rel: str, score: float, timestamp: float | None = None) -> dict[str, Any]:
+        """One hit as JSON; ``timestamp`` is the matching keyframe's second for a video, null
+        for an image."""
         quoted = quote(rel, safe="/")
         return {
             "path": rel,
             "score": round(float(score), 6),
+            "timestamp": None if timestamp is None else round(float(timestamp), 3),
             "thumbnail": f"{base}/thumbnail/{quoted}",
             "similar": f"{base}/similar/{quoted}",
         }

@@ -28,6 +28,7 @@ from .cli_watch import add_watch as _add_watch
 from .errors import MoCoRetrievalError
 
 if TYPE_CHECKING:
+    from .search import SearchResult
     from .sharded_embedding import ShardedEmbedding
 
 
@@ -186,7 +187,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     results = index.search_batch(args.images, k=args.k)
     if args.json:
         out = [
-            {"query": q, "results": [{"path": r.path, "score": round(r.score, 6)} for r in rs]}
+            {"query": q, "results": [_result_json(r) for r in rs]}
             for q, rs in zip(args.images, results)
         ]
         print(json.dumps(out, indent=2))
@@ -195,8 +196,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"{q}:")
         print(f"  {'rank':>4}  {'score':>6}  path")
         for rank, r in enumerate(rs, 1):
-            print(f"  {rank:>4}  {r.score:6.4f}  {_shown(r.path)}")
+            at = "" if r.timestamp is None else f" @ {r.timestamp:.1f}s"  # a video's keyframe
+            print(f"  {rank:>4}  {r.score:6.4f}  {_shown(r.path)}{at}")
     return 0
+
+
+def _result_json(r: SearchResult) -> dict[str, object]:
+    """A search hit for ``--json``; ``timestamp`` only for a video's keyframe."""
+    out: dict[str, object] = {"path": r.path, "score": round(r.score, 6)}
+    if r.timestamp is not None:
+        out["timestamp"] = round(r.timestamp, 3)
+    return out
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

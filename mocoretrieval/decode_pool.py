@@ -49,7 +49,7 @@ import torch.multiprocessing  # registers the shared-memory tensor reductions fo
 from PIL import Image
 from torch.utils.data import default_collate
 
-from . import data
+from . import data, video
 from .errors import ImageError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class DecodedBatch(NamedTuple):
     images: torch.Tensor | None  # (n, 3, H, W), None when every image failed
     failed: list[tuple[int, str]]  # (dataset index, reason)
     thumbnails: list[bytes | None]  # aligned with indices; empty when not asked for
+    # (timestamp s, duration s) of each video keyframe, None for an image, aligned with
+    # indices (a video's index repeats once per keyframe); empty when the chunk has no video.
+    frames: Sequence[tuple[float, float] | None] = ()
 
 
 def run_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
@@ -126,6 +129,8 @@ class ImageFileDataset:
 
     def __getitem__(self, i: int) -> tuple[int, Any, str | None, bytes | None]:
         path = os.path.join(self.root, self.relpaths[i])
+        if video.is_video_name(path):
+            return self._video_item(i, path)
         try:  # looked up on the module: tests replace it to inject crashes and hangs
             img = data.load_image(path, self.min_side)
         except ImageError as e:
@@ -144,14 +149,43 @@ class ImageFileDataset:
                 logger.debug("%s: no thumbnail: %s", path, e)
         return i, x, None, thumb
 
+    def _video_item(self, i: int, path: str) -> tuple[int, Any, str | None, bytes | None]:
+        """A video's keyframes (see :mod:`.video`), transformed, as one item; the thumbnail is
+        made from its first keyframe."""
+        try:
+            keyframes, duration = video.load_keyframes(path, self.min_side)
+            pixels = [self.transform(f.image) for f in keyframes]
+        except ImageError as e:
+            return i, None, e.reason, None
+        except Exception as e:  # noqa: BLE001 - one odd video must not end the run
+            return i, None, data.failure_reason(e), None
+        thumb = None
+        if self.thumbnail_size:
+            try:
+                thumb = data.encode_thumbnail(keyframes[0].image, self.thumbnail_size)
+            except Exception as e:  # noqa: BLE001 - the app falls back to no thumbnail
+                logger.debug("%s: no thumbnail: %s", path, e)
+        frames = video.VideoFrames(pixels, [f.timestamp for f in keyframes], duration)
+        return i, frames, None, thumb
+
 
 def collate(items: Sequence[tuple[int, Any, str | None, bytes | None]]) -> DecodedBatch:
-    """Stacks the decoded items of a chunk and keeps the failed ones aside."""
-    ok = [item for item in items if item[2] is None]
+    """Stacks the decoded items of a chunk and keeps the failed ones aside; a video's keyframes
+    become one row each, under the video's index (its thumbnail on the first)."""
     failed = [(i, reason) for i, _, reason, _ in items if reason is not None]
+    ok: list[tuple[int, Any, bytes | None, tuple[float, float] | None]] = []
+    for i, x, reason, thumb in items:
+        if reason is not None:
+            continue
+        if isinstance(x, video.VideoFrames):
+            for j, (pixels, t) in enumerate(zip(x.pixels, x.timestamps)):
+                ok.append((i, pixels, thumb if j == 0 else None, (t, x.duration)))
+        else:
+            ok.append((i, x, thumb, None))
     images = default_collate([x for _, x, _, _ in ok]) if ok else None
-    thumbnails = [t for *_, t in ok] if any(t is not None for *_, t in ok) else []
-    return DecodedBatch([i for i, *_ in ok], images, failed, thumbnails)
+    thumbnails = [t for _, _, t, _ in ok] if any(t is not None for _, _, t, _ in ok) else []
+    frames = [f for *_, f in ok] if any(f is not None for *_, f in ok) else []
+    return DecodedBatch([i for i, *_ in ok], images, failed, thumbnails, frames)
 
 
 def die_with_parent() -> None:

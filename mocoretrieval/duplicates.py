@@ -11,6 +11,9 @@ from typing import Any
 from . import ann
 from .store import Store
 
+# Maps a pair of similar vectors to the pair of files to join, or None to drop it.
+PairFilter = Callable[[int, int, float], "tuple[int, int, float] | None"]
+
 # Cosine similarity above which two images count as near-duplicates, set for the default
 # encoder (moco-v2-r18-photos) on held-out photos among never-trained distractors
 # (benchmarks/RESULTS.md, "default encoder"): the same picture at other sizes scores >= 0.9989
@@ -89,6 +92,7 @@ def duplicate_groups(
     neighbours: int = DUPLICATE_NEIGHBOURS,
     progress: Callable[[int, int], None] | None = None,
     apart: Iterable[tuple[int, int]] = (),
+    videos: PairFilter | None = None,
 ) -> tuple[list[list[int]], dict[int, float]]:
     """Groups of stored vector ids whose similarity is at least ``threshold`` to some member.
 
@@ -104,6 +108,8 @@ def duplicate_groups(
         apart: pairs of ids the user said are not duplicates: never in one group. Pairs that
             touch such an id are joined last, strongest first, and only when no ``apart`` pair
             would end up in one group; the rest are joined as they come.
+        videos: maps each pair that touches a video's keyframe to a pair of whole videos (by
+            their files' vector ids) or drops it (see :mod:`mocoretrieval.video_duplicates`).
 
     Returns:
         The groups of two or more ids (unordered), and each grouped id's best similarity to
@@ -133,7 +139,10 @@ def duplicate_groups(
         done += len(ids)
         if progress is not None:
             progress(min(done, total), total)
-        for qid, nid, score in ann.neighbour_pairs(index, ids, vectors, threshold, neighbours):
+        for pair in ann.neighbour_pairs(index, ids, vectors, threshold, neighbours):
+            if videos is not None and (pair := videos(*pair)) is None:
+                continue
+            qid, nid, score = pair
             if qid in partners or nid in partners:
                 deferred.append((score, qid, nid))
             else:

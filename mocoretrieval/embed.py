@@ -42,15 +42,24 @@ class EmbeddedBatch:
         skipped: (relative path, reason) of the files that could not be used.
         thumbnails: a small JPEG per embedded file, aligned with ``paths`` (None where one could
             not be made); empty when none were asked for.
+        frames: ``(timestamp s, duration s)`` per row for a video's keyframes, None for an
+            image, aligned with ``paths``, where a video's path repeats once per keyframe (see
+            :mod:`mocoretrieval.video`); empty when the batch has no video.
     """
 
     paths: list[str]
     vectors: np.ndarray
     skipped: list[tuple[str, str]] = field(default_factory=list)
     thumbnails: list[bytes | None] = field(default_factory=list)
+    frames: list[tuple[float, float] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.paths) + len(self.skipped)
+        return len(self.files) + len(self.skipped)
+
+    @property
+    def files(self) -> list[str]:
+        """The files embedded, each once (a video has a row per keyframe in ``paths``)."""
+        return list(dict.fromkeys(self.paths))
 
     def drop_non_finite(self) -> None:
         """Moves the files whose embedding holds NaN or infinity to ``skipped``: such a vector
@@ -59,11 +68,15 @@ class EmbeddedBatch:
         if finite.all():
             return
         reason = "embedding is not finite (NaN or infinity): check the model's config"
-        self.skipped += [(p, reason) for p, ok in zip(self.paths, finite) if not ok]
+        bad = {p for p, ok in zip(self.paths, finite) if not ok}  # a video: all its frames go
+        keep = np.array([p not in bad for p in self.paths], dtype=bool)
+        self.skipped += [(p, reason) for p in dict.fromkeys(p for p in self.paths if p in bad)]
         if self.thumbnails:
-            self.thumbnails = [t for t, ok in zip(self.thumbnails, finite) if ok]
-        self.paths = [p for p, ok in zip(self.paths, finite) if ok]
-        self.vectors = self.vectors[finite]
+            self.thumbnails = [t for t, ok in zip(self.thumbnails, keep) if ok]
+        if self.frames:
+            self.frames = [f for f, ok in zip(self.frames, keep) if ok]
+        self.paths = [p for p, ok in zip(self.paths, keep) if ok]
+        self.vectors = self.vectors[keep]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -311,8 +324,13 @@ def _embed_batches(
             if thumbnails
             else []
         )
+        frames = (
+            [f for p in parts for f in (p.frames or [None] * len(p.indices))]
+            if any(p.frames for p in parts)
+            else []
+        )
         out = EmbeddedBatch(
-            [relpaths[i] for p in parts for i in p.indices], vectors, skipped, thumbs
+            [relpaths[i] for p in parts for i in p.indices], vectors, skipped, thumbs, frames
         )
         if progress is not None:
             progress(len(out))

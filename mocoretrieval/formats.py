@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image, ImageOps, features
 
 from .errors import ImageError
+from .video import INSTALL_HINT as VIDEO_INSTALL_HINT
+from .video import VIDEO_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ FORMATS: tuple[Format, ...] = (
     # .hif: Fujifilm and Canon cameras' name for HEIF.
     Format("HEIF", frozenset({"heic", "heif", "hif"}), "pillow-heif", rendered=True),
     Format("RAW", _RAW, "rawpy"),
+    # A few keyframes per video, each its own vector (see :mod:`.video`).
+    Format("Video", VIDEO_EXTENSIONS, "PyAV"),
 )
 _BY_EXTENSION = {ext: fmt for fmt in FORMATS for ext in fmt.extensions}
 EXTENSIONS: frozenset[str] = frozenset(_BY_EXTENSION)
@@ -131,6 +135,8 @@ def missing() -> dict[str, str]:
         out["AVIF"] = "AVIF needs Pillow>=11.3 (pip install -U pillow) or pillow-avif-plugin"
     if importlib.util.find_spec("rawpy") is None:
         out["RAW"] = "camera RAW needs rawpy: pip install rawpy"
+    if importlib.util.find_spec("av") is None:
+        out["Video"] = VIDEO_INSTALL_HINT
     return out
 
 

@@ -27,6 +27,8 @@ from .errors import ImageError, MoCoRetrievalError, ModelMismatchError
 from .pathsafety import inside_root
 from .roots import Roots
 from .store import Store
+from .video import MAX_KEYFRAMES
+from .video_duplicates import VideoPairs
 
 Query = str | os.PathLike | Image.Image | np.ndarray
 
@@ -35,11 +37,13 @@ class SearchResult(NamedTuple):
     """One hit: the image's absolute path now (its root's folder joined with its path there),
     its cosine similarity to the query, and its key: its path relative to its root (POSIX, as
     :meth:`ImageIndex.paths` lists it), with the root's name in front in a library of several
-    roots (see :mod:`mocoretrieval.roots`)."""
+    roots (see :mod:`mocoretrieval.roots`). For a video, ``timestamp`` is the time in seconds
+    of its keyframe that matched best (see :mod:`mocoretrieval.video`); None for an image."""
 
     path: str
     score: float
     relpath: str
+    timestamp: float | None = None
 
 
 class DuplicateGroup(list):
@@ -119,26 +123,38 @@ class Searching:
         vectors = self.embed_queries(list(queries))
         if index.ntotal == 0:
             return [[] for _ in queries]
-        scores, ids = index.search(vectors, min(k, index.ntotal))
+        # A video has up to MAX_KEYFRAMES vectors: that many times k hits hold k files.
+        videos = self.store.frame_count() > 0
+        scores, ids = index.search(vectors, min(k * MAX_KEYFRAMES if videos else k, index.ntotal))
         paths = self._stored_paths(ids.ravel())
-        return [
-            [self._result(paths[i], s) for s, i in zip(row_s, row_i) if i in paths]
-            for row_s, row_i in zip(scores, ids)
-        ]
+        times = self.store.frame_times(ids.ravel()) if videos else {}
+        out = []
+        for row_s, row_i in zip(scores, ids):
+            hits: dict[str, SearchResult] = {}  # the best frame per file: hits come best first
+            for s, i in zip(row_s.tolist(), row_i.tolist()):
+                if i in paths and paths[i] not in hits and len(hits) < k:
+                    t = times.get(i)
+                    hits[paths[i]] = self._result(paths[i], s, None if t is None else t[1])
+            out.append(list(hits.values()))
+        return out
 
     def _stored_paths(self, vector_ids: Any) -> dict[int, str]:
         """Keys of stored vector ids, normalised; stored keys that leave their root, or are of
         no root (a root removed meanwhile), are left out (see
         :func:`~mocoretrieval.pathsafety.inside_root`)."""
         out: dict[int, str] = {}
-        for i, rel in self.store.paths_of(vector_ids).items():
+        ids = list(vector_ids)
+        stored = self.store.paths_of(ids)
+        if self.store.frame_count():  # a video's later keyframes have no files row of their own
+            stored.update((i, rel) for i, (rel, _) in self.store.frame_times(ids).items())
+        for i, rel in stored.items():
             norm = inside_root(rel)
             if norm is not None and self._roots.locate(norm) is not None:
                 out[i] = norm
         return out
 
-    def _result(self, rel: str, score: float) -> SearchResult:
-        return SearchResult(str(self._roots.absolute(rel)), float(score), rel)
+    def _result(self, rel: str, score: float, timestamp: float | None = None) -> SearchResult:
+        return SearchResult(str(self._roots.absolute(rel)), float(score), rel, timestamp)
 
     def duplicates(
         self,
@@ -163,14 +179,16 @@ class Searching:
         (hashed only for groups whose files all have one size), ``near`` when every member is
         at least ``threshold`` from another, else ``similar``.
         """
+        at = min(threshold, similar) if similar is not None else threshold
         groups, best = duplicate_groups(
             self._faiss_index(),
             self.store,
-            min(threshold, similar) if similar is not None else threshold,
+            at,
             batch=batch,
             neighbours=neighbours,
             progress=progress,
             apart=self.store.not_duplicate_ids(),
+            videos=VideoPairs.of(self.store, at),
         )
         paths = self._stored_paths(best)
         hashes = HashCache()

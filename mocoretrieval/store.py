@@ -22,6 +22,7 @@ import numpy as np
 from .errors import IndexFormatError, MoCoRetrievalError
 from .store_db import (
     DEFAULT_STORE_DTYPE,
+    FRAMES_SCHEMA,
     NOT_DUPLICATES_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
@@ -35,6 +36,7 @@ from .store_db import (
     read_dtype,
     write_dtype,
 )
+from .store_frames import FramesReading
 
 # Values per ``IN (...)`` list: SQLite caps the parameters of one statement (999 before 3.32).
 _IN_CHUNK = 500
@@ -72,7 +74,7 @@ class StoredEntry(NamedTuple):
     thumbnail: bytes | None
 
 
-class Store:
+class Store(FramesReading):
     """The SQLite database of one index directory.
 
     Args:
@@ -108,7 +110,9 @@ class Store:
             recorded = read_dtype(self._db, self.path)
             if not readonly:
                 with self._db:
-                    self._db.executescript(THUMBNAILS_SCHEMA + NOT_DUPLICATES_SCHEMA)
+                    self._db.executescript(
+                        THUMBNAILS_SCHEMA + NOT_DUPLICATES_SCHEMA + FRAMES_SCHEMA
+                    )
         except sqlite3.Error as e:
             raise database_error(self.path, e) from e
         if dtype is not None and dtype != recorded:
@@ -377,6 +381,7 @@ class Store:
         stats: Sequence[FileStat],
         skipped: Sequence[tuple[str, str, FileStat]] = (),
         thumbnails: Sequence[bytes | None] = (),
+        frames: Sequence[tuple[float, float] | None] = (),
     ) -> None:
         """Commits one batch: embedded files with their vectors (and thumbnails), and skipped
         files with reasons.
@@ -391,6 +396,9 @@ class Store:
             skipped: ``(path, reason, stat)`` of the files that could not be embedded.
             thumbnails: a JPEG (or None) per embedded file, aligned with ``paths``; empty for
                 none.
+            frames: ``(timestamp s, duration s)`` per row of a video's keyframe, None for an
+                image, aligned with ``paths``; a video's path repeats once per keyframe, its
+                first row becoming ``files.vector_id``. Empty when no row is a video.
         """
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         if vectors.shape != (len(paths), self.dim):
@@ -400,14 +408,23 @@ class Store:
         if not np.isfinite(vectors).all():
             raise ValueError("refusing to store non-finite (NaN or infinite) vectors")
         thumbs = thumbnails or [None] * len(paths)
+        frame_of = frames or [None] * len(paths)
         now = time.time()
         with self._writing():
             encoded = encode_vectors(vectors, read_dtype(self._db, self.path))
-            self._delete_vectors_of([*paths, *(s[0] for s in skipped)])
-            for path, vector, stat, thumb in zip(paths, encoded, stats, thumbs):
+            self._delete_vectors_of([*dict.fromkeys(paths), *(s[0] for s in skipped)])
+            written: set[str] = set()
+            for path, vector, stat, thumb, frame in zip(paths, encoded, stats, thumbs, frame_of):
                 cur = self._db.execute(
                     "INSERT INTO vectors (vector) VALUES (?)", (vector.tobytes(),)
                 )
+                if frame is not None:
+                    self._db.execute(
+                        "INSERT INTO frames VALUES (?, ?, ?, ?)", (cur.lastrowid, path, *frame)
+                    )
+                if path in written:  # a video's later keyframe: the file row holds the first
+                    continue
+                written.add(path)
                 self._db.execute(
                     "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, NULL, ?)",
                     (path, stat.size, stat.mtime_ns, cur.lastrowid, now),
@@ -441,6 +458,7 @@ class Store:
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM vectors")
             self._db.execute("DELETE FROM thumbnails")
+            self._db.execute("DELETE FROM frames")
             if dtype is not None:
                 write_dtype(self._db, dtype)
             self._bump_generation()
@@ -472,6 +490,12 @@ class Store:
             "DELETE FROM vectors WHERE id = (SELECT vector_id FROM files WHERE path=?)",
             [(p,) for p in paths],
         )
+        # A video's other keyframes (the first is files.vector_id, deleted above).
+        self._db.executemany(
+            "DELETE FROM vectors WHERE id IN (SELECT vector_id FROM frames WHERE path=?)",
+            [(p,) for p in paths],
+        )
+        self._db.executemany("DELETE FROM frames WHERE path=?", [(p,) for p in paths])
 
     def _bump_generation(self) -> None:
         self._db.execute(

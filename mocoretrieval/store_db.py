@@ -62,6 +62,19 @@ CREATE TABLE IF NOT EXISTS not_duplicates (
 );
 """
 
+# Added the same way (version 1, created on a writable open): the keyframes of videos, each a
+# vector of its video's file (see mocoretrieval.video). ``files.vector_id`` holds the first
+# frame's vector, so whatever counts or lists files sees a video once; an older reader finds
+# the other frames' vectors in FAISS but no file for them, and leaves them out of results.
+FRAMES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    vector_id INTEGER PRIMARY KEY,      -- vectors.id of this keyframe
+    path TEXT NOT NULL,                 -- files.path of the video
+    timestamp REAL NOT NULL,            -- seconds from the video's start
+    duration REAL NOT NULL              -- the video's length in seconds
+);
+CREATE INDEX IF NOT EXISTS frames_path ON frames (path);
+"""
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """A connection to the database ``path`` that never writes, also in a folder this process

@@ -251,12 +251,13 @@ class Updating:
                             [stats[p] for p in batch.paths],
                             skipped,
                             thumbnails=batch.thumbnails,
+                            frames=batch.frames,
                         )
-                        for p in batch.paths:
+                        for p in batch.files:
                             (report.updated if p in known else report.added).append(p)
                         for p, reason in batch.skipped:
                             report.skipped.setdefault(reason, []).append(p)
-                        done += len(batch.paths) + len(batch.skipped)
+                        done += len(batch)
                         if progress is not None:
                             progress(done, len(todo))
                 except RuntimeError as e:

@@ -71,7 +71,7 @@ def test_heif_and_avif_decode_to_rgb_of_the_right_size_and_colour(tmp_path, fmt,
 def test_walk_finds_heif_avif_and_raw_in_any_case(tmp_path):
     """Broken on purpose once: with the RAW row removed from formats.FORMATS, this fails."""
     names = ["a.heic", "b.HEIF", "c.hif", "d.avif", "e.dng", "f.CR3", "g.nef", "h.ARW", "i.raf"]
-    for n in [*names, "notes.xmp", "clip.mov"]:
+    for n in [*names, "notes.xmp", "subtitles.srt"]:
         (tmp_path / n).write_bytes(b"x")
     assert walk_images(tmp_path) == sorted(names)
 

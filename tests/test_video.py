@@ -1,0 +1,270 @@
+"""Videos (PyAV): keyframes indexed beside images, results with timestamps, the duplicate rule,
+incremental updates and deletions, and skip-with-reason for broken videos or a missing PyAV.
+
+The videos are written here with PyAV: 64x48, 10 fps, about 3 s, with the first codec of
+:data:`CODECS` this PyAV can encode. Each scene is a still random texture, as
+``factories.make_images`` draws them, so that the tiny random encoder tells scenes apart.
+
+Each test that guards a mechanism says how the mechanism was broken to watch it fail."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from factories import make_images, make_tiny_encoder
+from PIL import Image
+
+from mocoretrieval import video
+from mocoretrieval.index import ImageIndex
+
+W, H, FPS = 64, 48, 10
+CODECS = ("mpeg4", "libx264", "h264", "mjpeg")
+# The tiny random encoder maps every picture into a narrow cone (cosines 0.98-1.0); different
+# scenes stay below this, the same scene re-encoded above it.
+THRESHOLD = 0.999
+WORKERS = 0  # decode in the test process: no worker start-up cost
+
+
+@functools.cache
+def codec() -> str:
+    """The first of :data:`CODECS` this PyAV wheel can encode."""
+    for name in CODECS:
+        try:
+            av.codec.Codec(name, "w")
+        except (av.FFmpegError, ValueError):
+            continue
+        return name
+    raise RuntimeError(f"this PyAV encodes none of {CODECS}")
+
+
+def scene(seed: int) -> np.ndarray:
+    """A still picture (H, W, 3) uint8: a 4x4 grid of random colours."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return np.kron(base, np.ones((H // 4, W // 4, 1), dtype=np.uint8))
+
+
+BLACK = np.zeros((H, W, 3), np.uint8)
+
+
+def clip(scenes: list[int], black_s: float = 1.0, per_scene: int = 7) -> list[np.ndarray]:
+    """Frames: ``black_s`` seconds of black, then each scene for ``per_scene`` frames."""
+    return [BLACK] * round(black_s * FPS) + [scene(s) for s in scenes for _ in range(per_scene)]
+
+
+def write_video(path: Path, frames: list[np.ndarray], bit_rate: int = 400_000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec(), rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.bit_rate = bit_rate
+        for arr in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def scene_span(s: int, scenes: list[int], black_s: float = 1.0, per_scene: int = 7):
+    """The seconds ``[start, end)`` scene ``s`` is shown in :func:`clip`'s video."""
+    start = black_s + scenes.index(s) * per_scene / FPS
+    return start, start + per_scene / FPS
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A folder of images and videos indexed once: ``a`` and its re-encoded copy, ``b`` sharing
+    only the black opening with ``a``, ``c`` sharing one scene, ``slow`` (``a`` at half
+    speed: same frames, twice the duration) and a still of one of ``a``'s scenes."""
+    tmp = tmp_path_factory.mktemp("video")
+    torch.manual_seed(0)
+    make_tiny_encoder().save_pretrained(tmp / "encoder")
+    root = tmp / "library"
+    make_images(root, 4)
+    write_video(root / "a.mp4", clip([1, 2, 3]))
+    write_video(root / "copies" / "a_reencoded.mp4", clip([1, 2, 3]), bit_rate=60_000)
+    write_video(root / "b.mp4", clip([4, 5, 6]))
+    write_video(root / "c.mp4", clip([1, 7, 8]))
+    write_video(root / "slow.mp4", clip([1, 2, 3], black_s=2.0, per_scene=14))
+    Image.fromarray(scene(3)).save(root / "still_of_a.png")
+    index = ImageIndex.build(root, model=tmp / "encoder", workers=WORKERS)
+    yield index, root, tmp
+    index.close()
+
+
+def test_keyframes_are_stored_with_timestamps(library):
+    """A folder of images and videos: every video is one file with N keyframes, each a vector,
+    in time order, and ``files.vector_id`` is its first frame's.
+
+    Broken on purpose once: with ``add_batch`` writing a files row per frame (no ``written``
+    check), each video held its last frame's vector and this failed."""
+    index, _, _ = library
+    report = index.last_report
+    videos = ["a.mp4", "b.mp4", "c.mp4", "copies/a_reencoded.mp4", "slow.mp4"]
+    assert sorted(p for p in report.added if video.is_video_name(p)) == videos
+    assert not report.skipped
+    frames = index.store.frames()
+    by_video: dict[str, list] = {}
+    for row in frames:
+        by_video.setdefault(row.path, []).append(row)
+    assert sorted(by_video) == videos
+    for path, rows in by_video.items():
+        assert 2 <= len(rows) <= video.MAX_KEYFRAMES, (path, rows)
+        times = [r.timestamp for r in rows]
+        assert times == sorted(times) and len(set(times)) == len(times)
+        assert index.store.file(path).vector_id == min(r.vector_id for r in rows)
+    assert index.store.count() == 5 + len(frames)  # 5 images, a vector per keyframe
+
+
+def test_a_black_opening_gives_no_black_keyframe(library):
+    """Every keyframe of ``a`` is after its 1 s black opening, and ``load_keyframes`` returns
+    no uniform picture.
+
+    Broken on purpose once: with the ``is_uniform`` check removed from ``load_keyframes``, the
+    first keyframe was a black frame at 0.2 s and this failed."""
+    index, root, _ = library
+    assert all(r.timestamp >= 1.0 for r in index.store.frames(["a.mp4", "b.mp4"]))
+    keyframes, duration = video.load_keyframes(root / "a.mp4")
+    assert 2.9 <= duration <= 3.2
+    assert not any(video.is_uniform(k.image) for k in keyframes)
+
+
+def test_search_by_a_frame_finds_the_video_at_that_time(library, capsys):
+    """A frame of ``a`` (scene 2), saved as a PNG, finds ``a`` and its copy, each once, with a
+    timestamp inside the scene; the images have no timestamp. The CLI prints ``@ 1.8s``, and
+    the HTTP API returns ``timestamp``.
+
+    Broken on purpose once: with ``search_batch`` keeping every hit (no best frame per file),
+    ``a`` came twice in the results and this failed."""
+    from fastapi.testclient import TestClient
+
+    from app.api import API_PREFIX
+    from app.server import build_server
+    from mocoretrieval.cli import main
+
+    index, root, tmp = library
+    query = tmp / "query.png"
+    Image.fromarray(scene(2)).save(query)
+    hits = index.search(query, k=8)
+    paths = [h.relpath for h in hits]
+    assert len(paths) == len(set(paths)) == 8
+    assert set(paths[:2]) == {"a.mp4", "copies/a_reencoded.mp4"}
+    start, end = scene_span(2, [1, 2, 3])
+    for hit in hits[:2]:
+        assert start <= hit.timestamp < end, hit
+    assert all(h.timestamp is None for h in hits if not video.is_video_name(h.relpath))
+
+    assert main(["search", str(query), "--index", str(root), "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"a.mp4 @ {hits[0].timestamp:.1f}s" in out
+    assert main(["search", str(query), "--index", str(root), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["results"][0]["timestamp"] == pytest.approx(
+        hits[0].timestamp
+    )
+
+    with TestClient(build_server(index)) as http:
+        files = {"image": ("q.png", query.read_bytes(), "image/png")}
+        r = http.post(f"{API_PREFIX}/search", params={"k": 8}, files=files)
+    assert r.status_code == 200, r.text
+    results = {item["path"]: item for item in r.json()["results"]}
+    assert start <= results["a.mp4"]["timestamp"] < end
+    assert results["img_0000.jpg"]["timestamp"] is None
+
+
+def test_only_videos_whose_frames_and_duration_agree_are_duplicates(library):
+    """``a`` and its re-encoded copy are duplicates; ``b`` (only the black opening in common),
+    ``c`` (one scene in common), ``slow`` (the same frames, twice as long) and a still of one
+    of ``a``'s scenes are not grouped with ``a``.
+
+    Broken on purpose once each: with ``frames_agree`` accepting a pair when any one frame
+    matches, ``c`` joined ``a``'s group; with ``durations_agree`` always true, ``slow`` did;
+    with ``VideoPairs`` passing a video-and-image pair through, the still did."""
+    index, _, _ = library
+    groups = [g for g in index.duplicates(THRESHOLD) if "a.mp4" in g.relpaths]
+    assert len(groups) == 1
+    assert sorted(groups[0].relpaths) == ["a.mp4", "copies/a_reencoded.mp4"]
+    assert groups[0].tier == "near"
+    assert all(r.timestamp is None for r in groups[0])
+
+
+def test_a_changed_video_is_embedded_again_and_a_deleted_one_forgets_its_frames(tmp_path):
+    """An unchanged video is not embedded again; a changed one (size/mtime) is, its frames
+    replaced, not added to; a deleted one leaves no frame or vector behind.
+
+    Broken on purpose once: without the ``DELETE FROM frames`` (and the frames' vectors) in
+    ``Store._delete_vectors_of``, the changed video held its old frames too and this failed."""
+    root = tmp_path / "lib"
+    make_images(root, 2)
+    clip_path = write_video(root / "clip.mp4", clip([1, 2, 3]))
+    torch.manual_seed(0)
+    with ImageIndex.build(root, model=make_tiny_encoder(), workers=WORKERS) as index:
+        n = len(index.store.frames())
+        assert n >= 2 and index.store.count() == 2 + n
+        assert not index.update(workers=WORKERS).added  # unchanged: no model work
+        write_video(clip_path, clip([4, 5, 6], black_s=0.5))
+        report = index.update(workers=WORKERS)
+        assert report.updated == ["clip.mp4"]
+        rows = index.store.frames()
+        assert index.store.count() == 2 + len(rows) and all(r.timestamp >= 0.5 for r in rows)
+        clip_path.unlink()
+        assert index.update(workers=WORKERS).removed == ["clip.mp4"]
+        assert index.store.frames() == [] and index.store.count() == 2
+        assert [h.relpath for h in index.search(root / "img_0000.jpg", k=5)] == [
+            "img_0000.jpg",
+            "img_0001.png",
+        ]
+
+
+def test_a_truncated_video_is_skipped_with_a_reason(tmp_path):
+    """Half of a video file, beside a good one: skipped with a reason, the run goes on, also
+    through the decoding workers.
+
+    Broken on purpose once: with ``load_keyframes`` letting PyAV's errors out (its two
+    ``except`` clauses removed), the file was skipped as ``corrupt: ...`` (the generic
+    ``data.failure_reason``) and this failed on the reason."""
+    root = tmp_path / "lib"
+    good = write_video(root / "good.mp4", clip([1, 2]))
+    data = good.read_bytes()
+    (root / "cut.mp4").write_bytes(data[: len(data) // 2])
+    (root / "empty.mov").write_bytes(b"")
+    torch.manual_seed(0)
+    with ImageIndex.build(root, model=make_tiny_encoder(), workers=1) as index:
+        report = index.last_report
+        assert report.added == ["good.mp4"]
+        skipped = {p: reason for reason, paths in report.skipped.items() for p in paths}
+        assert skipped == {
+            "cut.mp4": "truncated or not a video",
+            "empty.mov": "truncated or not a video",
+        }
+        assert index.store.skipped() == skipped
+
+
+def test_without_pyav_a_video_is_skipped_with_the_install_hint(tmp_path, monkeypatch):
+    """With ``import av`` failing, a video is skipped with ``pip install "mocoretrieval[video]"``
+    and the images are indexed.
+
+    Broken on purpose once: with ``_import_av`` letting the ImportError out, the video was
+    skipped as ``ImportError: ...`` and this failed."""
+    root = tmp_path / "lib"
+    make_images(root, 2)
+    write_video(root / "clip.mp4", clip([1, 2]))
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    torch.manual_seed(0)
+    with ImageIndex.build(root, model=make_tiny_encoder(), workers=WORKERS) as index:
+        report = index.last_report
+        assert sorted(report.added) == ["img_0000.jpg", "img_0001.png"]
+        assert report.skipped == {video.INSTALL_HINT: ["clip.mp4"]}
+        assert 'pip install "mocoretrieval[video]"' in video.INSTALL_HINT
+
+
+def test_keyframe_rule_on_candidates():
+    """The candidates are the midpoints of ``2 * MAX_KEYFRAMES`` equal spans."""
+    assert video.candidate_times(8.0, 2) == [1.0, 3.0, 5.0, 7.0]
+    assert video.is_uniform(Image.fromarray(BLACK))
+    assert not video.is_uniform(Image.fromarray(scene(1)))
