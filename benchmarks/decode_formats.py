@@ -1,11 +1,14 @@
-"""Decode cost of `load_image` per format, in images per CPU second: JPEG, PNG, HEIC, AVIF, DNG.
+"""Decode cost of `load_image` per format, in images per CPU second: JPEG, PNG, HEIC, AVIF, DNG;
+and of `video.load_keyframes` for a video, in keyframes (and videos) per CPU second.
 
 Each format is written once from the same generated photo-like image (smooth colour fields, edges
 and sensor-like noise, so that no codec gets an easy ride), then decoded repeatedly for about
 ``--seconds``, as the index does (``--min-side``, the encoder's resize size) and, with ``--full``,
 at full size (``min_side`` None; a DNG then takes a preview of 512 px or more whole). DNGs come
 in two kinds: with a 1620 px embedded preview (used) and with a 160 px one (too small: LibRaw
-demosaics at half size). The rate is per CPU second of the whole process, every decoder thread
+demosaics at half size). The video (``--video``, WxH and seconds) pans over the same photo at
+25 fps, H.264 (or MPEG-4 Part 2 where this PyAV cannot encode H.264) with a keyframe every
+second, as phones and cameras write. The rate is per CPU second of the whole process, every decoder thread
 included: the cost on one core, which other jobs on the machine do not change.
 Prints a table and appends it to benchmarks/RESULTS.md.
 
@@ -33,7 +36,10 @@ from results import append_section
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dng import write_dng  # the tests' DNG writer
 
+from mocoretrieval import video
 from mocoretrieval.data import load_image
+
+VIDEO_FPS = 25
 
 
 def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -69,6 +75,44 @@ def write_all(folder: Path, w: int, h: int) -> dict[str, Path]:
     return out
 
 
+def write_video(path: Path, w: int, h: int, seconds: float) -> tuple[Path, str]:
+    """A ``seconds`` long video panning over :func:`photo`; returns it and its codec."""
+    import av
+
+    frame = photo(w + VIDEO_FPS * int(seconds) * 4, h)
+    codec = next(c for c in ("libx264", "h264", "mpeg4") if _can_encode(av, c))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.gop_size = VIDEO_FPS  # a keyframe a second
+        stream.bit_rate = 4_000_000
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast"}
+        for i in range(round(seconds * VIDEO_FPS)):
+            arr = np.ascontiguousarray(frame[:, i * 4 : i * 4 + w])
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(stream.encode())
+    return path, codec
+
+
+def _can_encode(av, name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+    except (av.FFmpegError, ValueError):
+        return False
+    return True
+
+
+def video_rate(path: Path, min_side: int | None, seconds: float) -> tuple[float, int, tuple]:
+    """Videos per CPU second decoding ``path``'s keyframes (at least 2 decodes), the keyframes
+    of one, and their size."""
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
+    while n < 2 or time.perf_counter() - start < seconds:
+        frames, _ = video.load_keyframes(path, min_side)
+        n += 1
+    return n / (time.process_time() - cpu), len(frames), frames[0].image.size
+
+
 def rate(path: Path, min_side: int | None, seconds: float) -> tuple[float, tuple[int, int]]:
     """Images per CPU second decoding ``path`` for about ``seconds`` (at least 2 decodes).
 
@@ -88,6 +132,7 @@ def main() -> None:
     p.add_argument("--min-side", type=int, default=256, help="what the index asks of load_image")
     p.add_argument("--seconds", type=float, default=2.0, help="decoding time per cell")
     p.add_argument("--full", action="store_true", help="also decode at full size (min_side None)")
+    p.add_argument("--video", default="1280x720x10", help="WxHxSECONDS of the video; '' for none")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
@@ -109,11 +154,27 @@ def main() -> None:
                 row += f" {full:.1f} | {_wxh(full_size)} |"
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
+        if args.video:
+            vw, vh, vs = (int(v) for v in args.video.lower().split("x"))
+            t0 = time.perf_counter()
+            path, codec = write_video(Path(tmp) / "a.mp4", vw, vh, vs)
+            made += time.perf_counter() - t0
+            per_s, k, size = video_rate(path, args.min_side, args.seconds)
+            name = f"video {vw}x{vh} {vs} s ({codec}, GOP 1 s): keyframes (videos)"
+            kb = path.stat().st_size / 1e3
+            row = f"| {name} | {kb:.0f} | {per_s * k:.1f} ({per_s:.2f}) | {_wxh(size)} |"
+            if args.full:
+                full, _, full_size = video_rate(path, None, args.seconds)
+                row += f" {full * k:.1f} ({full:.2f}) | {_wxh(full_size)} |"
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
     header = (
         f"{w}x{h} generated photo, decoded by `data.load_image` on one core "
         f"({platform.processor() or platform.machine()}, Pillow {Image.__version__}, "
-        f"pillow-heif {pillow_heif.__version__}, rawpy {_rawpy_version()}); files written in "
-        f"{made:.1f} s, {args.seconds:g} s of decoding per cell; images per CPU second."
+        f"pillow-heif {pillow_heif.__version__}, rawpy {_rawpy_version()}, PyAV "
+        f"{_av_version()}); files written in "
+        f"{made:.1f} s, {args.seconds:g} s of decoding per cell; images per CPU second (the "
+        "video: `video.load_keyframes`, keyframes and, in brackets, videos per CPU second)."
     )
     columns = f"| format | kB | img/s, min_side={args.min_side} | decoded size |"
     rule = "|---|---:|---:|---|"
@@ -127,6 +188,14 @@ def main() -> None:
 
 def _wxh(size: tuple[int, int]) -> str:
     return "x".join(map(str, size))
+
+
+def _av_version() -> str:
+    try:
+        import av
+    except ImportError:
+        return "none"
+    return av.__version__
 
 
 def _rawpy_version() -> str:
