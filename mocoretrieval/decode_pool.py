@@ -106,7 +106,9 @@ class ImageFileDataset:
 
     Item ``i`` is ``(i, tensor, None, thumbnail)`` or ``(i, None, reason, None)``, where
     ``thumbnail`` is a JPEG (see :func:`~mocoretrieval.data.encode_thumbnail`) made from the
-    decoded image, or None when ``thumbnail_size`` is None or it could not be made.
+    decoded image, or None when ``thumbnail_size`` is None or it could not be made. A video's
+    item holds a :class:`~mocoretrieval.video.VideoFrames` (its keyframes, each transformed) in
+    place of the tensor; :func:`collate` makes a row of each keyframe.
 
     Attributes:
         root: the folder ``relpaths`` are relative to.

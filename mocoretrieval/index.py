@@ -312,8 +312,9 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating, LibraryRoots):
         self.close()
 
     def __len__(self) -> int:
+        """Embedded files; a video is one, however many keyframe vectors it has."""
         self._sync()
-        return self.store.count()
+        return self.store.file_count()
 
     def _save_manifest(self) -> None:
         """Only under the lock, from a manifest read under it (see :meth:`update`)."""
@@ -369,7 +370,7 @@ class ImageIndex(EncoderPin, Searching, Reading, Updating, LibraryRoots):
             "format_version": self.manifest["format_version"],
             "model": encoder["source"],
             "weights_hash": encoder["weights_hash"],
-            "count": self.store.count(),
+            "count": self.store.file_count(),  # files: a video once, not per keyframe
             "dim": self.dim,
             "store_dtype": self.store.dtype,
             "metric": self.manifest["metric"],

@@ -37,6 +37,14 @@ class FramesReading:
     _lock: threading.Lock
     _select_in: Callable[[str, Sequence[object]], list[tuple]]
 
+    def file_count(self) -> int:
+        """How many files are embedded: a video counts once, whatever its keyframes
+        (``count`` is the vectors, what FAISS holds)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM files WHERE vector_id IS NOT NULL"
+            ).fetchone()[0]
+
     def frame_count(self) -> int:
         """How many video keyframes are stored (0 without the table)."""
         try:

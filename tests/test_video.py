@@ -120,6 +120,7 @@ def test_keyframes_are_stored_with_timestamps(library):
         assert times == sorted(times) and len(set(times)) == len(times)
         assert index.store.file(path).vector_id == min(r.vector_id for r in rows)
     assert index.store.count() == 5 + len(frames)  # 5 images, a vector per keyframe
+    assert len(index) == index.info()["count"] == 10  # files: a video counts once
 
 
 def test_a_black_opening_gives_no_black_keyframe(library):
@@ -268,3 +269,31 @@ def test_keyframe_rule_on_candidates():
     assert video.candidate_times(8.0, 2) == [1.0, 3.0, 5.0, 7.0]
     assert video.is_uniform(Image.fromarray(BLACK))
     assert not video.is_uniform(Image.fromarray(scene(1)))
+
+
+class _SidewaysFrame:
+    """A decoded frame of a phone video shot upright: stored landscape, rotation -90 (PyAV's
+    display-matrix angle, counterclockwise), as PyAV reports it; this PyAV writes no such
+    metadata, hence the stand-in."""
+
+    rotation = -90
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.height, self.width = arr.shape[:2]
+
+    def to_image(self) -> Image.Image:
+        return Image.fromarray(self.arr)
+
+
+def test_rotation_metadata_turns_the_frame_upright():
+    """A frame stored sideways with rotation -90 comes out turned 90 degrees clockwise: the
+    stored left half (white) on top.
+
+    Broken on purpose once: with the angle negated in ``_to_image``, the white half came out
+    at the bottom and this failed."""
+    arr = np.zeros((H, W, 3), np.uint8)
+    arr[:, : W // 2] = 255
+    img = np.asarray(video._to_image(_SidewaysFrame(arr), None).convert("L"))
+    assert img.shape == (W, H)  # upright: portrait
+    assert img[: W // 2].mean() > 250 and img[W // 2 :].mean() < 5
