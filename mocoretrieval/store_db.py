@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS frames (
 CREATE INDEX IF NOT EXISTS frames_path ON frames (path);
 """
 
+
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """A connection to the database ``path`` that never writes, also in a folder this process
     cannot write."""

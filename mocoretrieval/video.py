@@ -161,7 +161,10 @@ def load_keyframes(
             if not container.streams.video:
                 raise ImageError("no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # One thread: the decoding workers are the parallelism (as torch's one thread in
+            # each), and frame threads must refill their pipeline after every seek: AUTO cost
+            # 28% more CPU per video (1280x720 H.264, benchmarks/decode_formats.py's video).
+            stream.thread_count = 1
             duration = _duration(container, stream)
             start = stream.start_time or 0
             frames: list[Keyframe] = []
