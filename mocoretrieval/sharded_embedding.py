@@ -129,6 +129,7 @@ def embed_into(
                 [stats[p] for p in batch.paths],
                 [(p, reason, stats[p]) for p, reason in batch.skipped],
                 thumbnails=batch.thumbnails,
+                frames=batch.frames,
             )
             done += len(batch)
             if progress is not None:

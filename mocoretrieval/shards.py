@@ -158,10 +158,12 @@ def merge(
     try:
         for start in range(0, len(wanted), chunk):
             part = wanted[start : start + chunk]
-            entries = {}
+            entries, keyframes = {}, {}
             for path, shard in shards.items():
-                entries.update(shard.entries([p for p in part if held[p] == path]))
-            paths, vectors, thumbs, skips = [], [], [], []
+                mine = [p for p in part if held[p] == path]
+                entries.update(shard.entries(mine))
+                keyframes.update(video_frames(shard, mine))
+            paths, vectors, thumbs, skips, frames = [], [], [], [], []
             for p in part:
                 entry = entries.get(p)
                 if entry is None or (entry.record.size, entry.record.mtime_ns) != tuple(stats[p]):
@@ -169,19 +171,36 @@ def merge(
                 if entry.vector is None:
                     skips.append((p, entry.record.skip_reason or "not embedded", stats[p]))
                     continue
-                paths.append(p)
-                vectors.append(entry.vector)
-                thumbs.append(entry.thumbnail)
+                # A video: each keyframe, in time order, the first holding the thumbnail.
+                for j, (vector, frame) in enumerate(keyframes.get(p, [(entry.vector, None)])):
+                    paths.append(p)
+                    vectors.append(vector)
+                    thumbs.append(entry.thumbnail if j == 0 else None)
+                    frames.append(frame)
             store.add_batch(
                 paths,
                 np.stack(vectors) if vectors else np.zeros((0, store.dim), np.float32),
                 [stats[p] for p in paths],
                 skips,
                 thumbnails=thumbs,
+                frames=frames if any(f is not None for f in frames) else (),
             )
-            embedded += paths
+            embedded += list(dict.fromkeys(paths))
             skipped += [(p, reason) for p, reason, _ in skips]
     finally:
         for shard in shards.values():
             shard.close()
     return embedded, skipped
+
+
+def video_frames(
+    shard: Store, paths: Sequence[str]
+) -> dict[str, list[tuple[np.ndarray, tuple[float, float]]]]:
+    """The keyframes a shard holds of the videos among ``paths``: path -> ``(vector,
+    (timestamp, duration))`` in time order (see :mod:`mocoretrieval.video`)."""
+    rows = shard.frames(paths)
+    vectors = shard.vectors_by_id([r.vector_id for r in rows]) if rows else {}
+    out: dict[str, list[tuple[np.ndarray, tuple[float, float]]]] = {}
+    for r in rows:
+        out.setdefault(r.path, []).append((vectors[r.vector_id], (r.timestamp, r.duration)))
+    return out

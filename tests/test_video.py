@@ -297,3 +297,35 @@ def test_rotation_metadata_turns_the_frame_upright():
     img = np.asarray(video._to_image(_SidewaysFrame(arr), None).convert("L"))
     assert img.shape == (W, H)  # upright: portrait
     assert img[: W // 2].mean() > 250 and img[W // 2 :].mean() < 5
+
+
+def test_a_shard_merge_copies_every_keyframe(tmp_path):
+    """``index`` on torchrun: a rank's shard holds a video's keyframes, and the merge into the
+    index's store copies all of them with their timestamps, the first as the file's vector.
+
+    Broken on purpose once: without the ``video_frames`` lookup in ``shards.merge``, only the
+    first keyframe was copied and this failed."""
+    from mocoretrieval.shards import merge
+    from mocoretrieval.store import FileStat, Store
+
+    dim, st = 4, FileStat(10, 20)
+    vectors = np.eye(dim, dtype=np.float32)
+    shard_path = tmp_path / "shard.db"
+    shard = Store(shard_path, dim)
+    frames = [None, (1.0, 3.0), (1.8, 3.0), (2.6, 3.0)]
+    shard.add_batch(["a.jpg", "v.mp4", "v.mp4", "v.mp4"], vectors, [st] * 4, frames=frames)
+    shard.close()
+    store = Store(tmp_path / "index.db", dim)
+    held = {"a.jpg": shard_path, "v.mp4": shard_path}
+    embedded, skipped = merge(store, held, ["v.mp4", "a.jpg"], {"a.jpg": st, "v.mp4": st})
+    assert embedded == ["v.mp4", "a.jpg"] and not skipped
+    rows = store.frames()
+    assert [(r.path, r.timestamp, r.duration) for r in rows] == [
+        ("v.mp4", 1.0, 3.0),
+        ("v.mp4", 1.8, 3.0),
+        ("v.mp4", 2.6, 3.0),
+    ]
+    got = store.vectors_by_id([r.vector_id for r in rows])
+    assert np.array_equal(np.stack([got[r.vector_id] for r in rows]), vectors[1:])
+    assert store.file("v.mp4").vector_id == rows[0].vector_id
+    assert store.file_count() == 2 and store.count() == 4
