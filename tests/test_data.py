@@ -33,9 +33,10 @@ def _save(path: Path, img: Image.Image, **kwargs) -> Path:
 
 def test_walk_finds_every_extension_in_any_case_sorted(tmp_path):
     names = ["b.JPG", "a.jpeg", "c.Png", "d.webp", "e.BMP", "f.gif", "g.tif", "h.TIFF", "i.jpg"]
+    names.append("movie.MP4")  # videos are walked too (tests/test_video.py)
     for n in names:
         (tmp_path / n).write_bytes(b"x")
-    for n in ["notes.txt", "sidecar.xmp", "jpg", "movie.mp4"]:
+    for n in ["notes.txt", "sidecar.xmp", "jpg", "movie.srt"]:
         (tmp_path / n).write_bytes(b"x")
     (tmp_path / "z" / "y").mkdir(parents=True)
     (tmp_path / "z" / "y" / "deep.jpg").write_bytes(b"x")
