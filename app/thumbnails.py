@@ -19,6 +19,7 @@ from mocoretrieval.data import load_image
 from mocoretrieval.embed import DEFAULT_THUMBNAIL_SIZE
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
 from mocoretrieval.roots import Roots
+from mocoretrieval.video import is_video_name, load_keyframes
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ def _cached_thumbnail(real: str, size: int, mtime_ns: int, side: int) -> Image.I
 
 
 def _decode_thumbnail(path: str, side: int) -> Image.Image:
+    if is_video_name(path):  # its first keyframe, as indexing stores it
+        image = load_keyframes(path, min_side=side, max_frames=1)[0][0].image
+        image.thumbnail((side, side))
+        return image
     # Only the long side has to reach ``side``, so a JPEG can be decoded at the smallest DCT
     # scale that keeps it (1/8 for most photos): reading the header first is cheap.
     try:

@@ -329,3 +329,16 @@ def test_a_shard_merge_copies_every_keyframe(tmp_path):
     assert np.array_equal(np.stack([got[r.vector_id] for r in rows]), vectors[1:])
     assert store.file("v.mp4").vector_id == rows[0].vector_id
     assert store.file_count() == 2 and store.count() == 4
+
+
+def test_the_app_decodes_a_video_thumbnail_when_none_is_stored(library):
+    """A video whose stored thumbnail is unusable (none, or the file edited since) is shown
+    by its first keyframe, as a photo is by decoding it.
+
+    Broken on purpose once: without the video branch in ``app.thumbnails._decode_thumbnail``,
+    the video was "not an image" and this failed."""
+    from app.thumbnails import thumbnail
+
+    _, root, _ = library
+    img = thumbnail(root / "a.mp4", side=40)
+    assert max(img.size) == 40 and not video.is_uniform(img)  # not the black opening
