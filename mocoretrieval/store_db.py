@@ -191,10 +191,21 @@ class VectorSnapshot:
             yield ids, vectors
 
     def chunks_with_paths(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """:meth:`chunks` with each vector's file, a path relative to the root, alongside."""
+        """:meth:`chunks` with each vector's file, a path relative to the root, alongside; a
+        video's path comes once per keyframe (each a vector, see ``FRAMES_SCHEMA``)."""
+        has_frames = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='frames'"
+        ).fetchone()
+        if not has_frames:  # a store made before videos
+            yield from self._rows(
+                "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.vector_id = v.id "
+                "ORDER BY v.id"
+            )
+            return
         yield from self._rows(
-            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.vector_id = v.id "
-            "ORDER BY v.id"
+            "SELECT v.id, v.vector, COALESCE(f.path, fr.path) FROM vectors v "
+            "LEFT JOIN files f ON f.vector_id = v.id LEFT JOIN frames fr ON fr.vector_id = v.id "
+            "WHERE f.path IS NOT NULL OR fr.path IS NOT NULL ORDER BY v.id"
         )
 
     def _rows(self, query: str) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:

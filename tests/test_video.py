@@ -342,3 +342,20 @@ def test_the_app_decodes_a_video_thumbnail_when_none_is_stored(library):
     _, root, _ = library
     img = thumbnail(root / "a.mp4", side=40)
     assert max(img.size) == 40 and not video.is_uniform(img)  # not the black opening
+
+
+def test_export_writes_a_row_per_keyframe(library, tmp_path):
+    """``export-embeddings`` of an index with videos writes every vector, a video's path once
+    per keyframe, in the order of the vectors.
+
+    Broken on purpose once: with ``chunks_with_paths`` joining ``files`` only, the export
+    refused the index ("holds N vectors but M with a file") and this failed."""
+    from mocoretrieval.export_vectors import PATHS_FILE, export_embeddings
+
+    index, _, _ = library
+    report = export_embeddings(index.path, tmp_path / "out", chunk_rows=7)
+    assert report.count == index.store.count()
+    rows = (tmp_path / "out" / PATHS_FILE).read_text().splitlines()[1:]
+    paths = [r.split(",", 1)[1] for r in rows]
+    assert paths.count("a.mp4") == len(index.store.frames(["a.mp4"]))
+    assert paths.count("img_0000.jpg") == 1
