@@ -150,6 +150,8 @@ class RootTable:
                     ("UPDATE not_duplicates SET a = ? || a, b = ? || b", (prefix, prefix)),
                     ("UPDATE roots SET bare = 0 WHERE id = ?", (old.id,)),
                 ]
+                if _has_frames(self._db):  # videos' keyframes, keyed like their files
+                    statements.append(("UPDATE frames SET path = ? || path", (prefix,)))
         statements.append(
             (
                 "INSERT INTO roots (name, path, bare, added_at) VALUES (?, ?, ?, ?)",
@@ -170,3 +172,9 @@ class RootTable:
             ("UPDATE roots SET path = ? WHERE id = ?", (stored_path(path, self.index_dir), root.id))
         )
         return self.roots().find(root.name)
+
+
+def _has_frames(db: sqlite3.Connection) -> bool:
+    """Whether the database has the ``frames`` table (a store made before videos has not)."""
+    query = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='frames'"
+    return db.execute(query).fetchone() is not None

@@ -359,3 +359,26 @@ def test_export_writes_a_row_per_keyframe(library, tmp_path):
     paths = [r.split(",", 1)[1] for r in rows]
     assert paths.count("a.mp4") == len(index.store.frames(["a.mp4"]))
     assert paths.count("img_0000.jpg") == 1
+
+
+def test_adding_a_second_root_keeps_the_frames_of_the_first(tmp_path):
+    """A one-folder index with a video gets a second root: its keys, the frames' too, get the
+    first root's name in front, and a search still finds the video with its timestamp.
+
+    Broken on purpose once: without ``UPDATE frames`` in ``RootTable.add``, the frames kept
+    the old key ``clip.mp4`` (of no root now) and this failed."""
+    first = tmp_path / "first"
+    write_video(first / "clip.mp4", clip([1, 2, 3]))
+    make_images(tmp_path / "second", 2)
+    torch.manual_seed(0)
+    with ImageIndex.build(first, model=make_tiny_encoder(), workers=WORKERS) as index:
+        n = len(index.store.frames())
+        index.add_root(tmp_path / "second")
+        index.update(workers=WORKERS)
+        assert {r.path for r in index.store.frames()} == {"first/clip.mp4"}
+        assert len(index.store.frames()) == n
+        query = tmp_path / "q.png"
+        Image.fromarray(scene(3)).save(query)
+        hit = index.search(query, k=1)[0]
+        start, end = scene_span(3, [1, 2, 3])
+        assert hit.relpath == "first/clip.mp4" and start <= hit.timestamp < end
