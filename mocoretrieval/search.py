@@ -124,7 +124,7 @@ class Searching:
         if index.ntotal == 0:
             return [[] for _ in queries]
         # A video has up to MAX_KEYFRAMES vectors: that many times k hits hold k files.
-        videos = self.store.frame_count() > 0
+        videos = self.store.has_frames()
         scores, ids = index.search(vectors, min(k * MAX_KEYFRAMES if videos else k, index.ntotal))
         paths = self._stored_paths(ids.ravel())
         times = self.store.frame_times(ids.ravel()) if videos else {}
@@ -145,7 +145,7 @@ class Searching:
         out: dict[int, str] = {}
         ids = list(vector_ids)
         stored = self.store.paths_of(ids)
-        if self.store.frame_count():  # a video's later keyframes have no files row of their own
+        if self.store.has_frames():  # a video's later keyframes have no files row of their own
             stored.update((i, rel) for i, (rel, _) in self.store.frame_times(ids).items())
         for i, rel in stored.items():
             norm = inside_root(rel)

@@ -45,13 +45,14 @@ class FramesReading:
                 "SELECT COUNT(*) FROM files WHERE vector_id IS NOT NULL"
             ).fetchone()[0]
 
-    def frame_count(self) -> int:
-        """How many video keyframes are stored (0 without the table)."""
+    def has_frames(self) -> bool:
+        """Whether any video keyframe is stored: one row looked at, whatever the store's size
+        (what every search asks)."""
         try:
             with self._lock:
-                return self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+                return self._db.execute("SELECT 1 FROM frames LIMIT 1").fetchone() is not None
         except sqlite3.OperationalError:
-            return 0
+            return False
 
     def frame_times(self, vector_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
         """Vector id -> ``(video path, timestamp s)`` of the ids that are keyframes."""

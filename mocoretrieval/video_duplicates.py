@@ -71,7 +71,7 @@ class VideoPairs:
     @classmethod
     def of(cls, store: Store, threshold: float) -> VideoPairs | None:
         """The filter for ``store``; None when it holds no video (every pair passes)."""
-        return cls(store, threshold) if store.frame_count() else None
+        return cls(store, threshold) if store.has_frames() else None
 
     def __call__(self, a: int, b: int, score: float) -> tuple[int, int, float] | None:
         """``(a, b, score)`` for two images; the two videos' file ids and their score when
