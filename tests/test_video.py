@@ -141,8 +141,9 @@ def test_search_by_a_frame_finds_the_video_at_that_time(library, capsys):
     timestamp inside the scene; the images have no timestamp. The CLI prints ``@ 1.8s``, and
     the HTTP API returns ``timestamp``.
 
-    Broken on purpose once: with ``search_batch`` keeping every hit (no best frame per file),
-    ``a`` came twice in the results and this failed."""
+    Broken on purpose once: with ``search_batch`` asking FAISS for ``k`` vectors instead of
+    ``k * MAX_KEYFRAMES``, the frames of one video took several of the k hits, 5 files came
+    back instead of 8 and this failed."""
     from fastapi.testclient import TestClient
 
     from app.api import API_PREFIX
@@ -198,8 +199,9 @@ def test_a_changed_video_is_embedded_again_and_a_deleted_one_forgets_its_frames(
     """An unchanged video is not embedded again; a changed one (size/mtime) is, its frames
     replaced, not added to; a deleted one leaves no frame or vector behind.
 
-    Broken on purpose once: without the ``DELETE FROM frames`` (and the frames' vectors) in
-    ``Store._delete_vectors_of``, the changed video held its old frames too and this failed."""
+    Broken on purpose once: without the ``DELETE FROM frames`` in
+    ``Store._delete_vectors_of``, the changed video's old frame rows stayed beside the new ones
+    and this failed (frame rows no longer matched the stored vectors)."""
     root = tmp_path / "lib"
     make_images(root, 2)
     clip_path = write_video(root / "clip.mp4", clip([1, 2, 3]))
@@ -251,7 +253,7 @@ def test_without_pyav_a_video_is_skipped_with_the_install_hint(tmp_path, monkeyp
     and the images are indexed.
 
     Broken on purpose once: with ``_import_av`` letting the ImportError out, the video was
-    skipped as ``ImportError: ...`` and this failed."""
+    skipped with the generic ``corrupt: ...`` reason and this failed."""
     root = tmp_path / "lib"
     make_images(root, 2)
     write_video(root / "clip.mp4", clip([1, 2]))
