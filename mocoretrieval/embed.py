@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decode_pool import (
-    DecodedBatch,
-    ImageFileDataset,
-    decode_batches,
-)
+from .decode_items import DecodedBatch, ImageFileDataset
+from .decode_pool import decode_batches
 from .embedder import Embedder
 from .errors import MoCoRetrievalError
 from .preprocess import Preprocess

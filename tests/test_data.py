@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mocoretrieval.data import encode_thumbnail, load_image, to_rgb
-from mocoretrieval.decode_pool import ImageFileDataset, collate
+from mocoretrieval.decode_items import ImageFileDataset, collate
 from mocoretrieval.errors import ImageError, MoCoRetrievalError
 from mocoretrieval.walk import IMAGE_EXTENSIONS, scan_images, walk_images
 

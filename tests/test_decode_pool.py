@@ -20,7 +20,8 @@ import torch
 from factories import make_images
 
 from mocoretrieval import data
-from mocoretrieval.decode_pool import ImageFileDataset, decode_batches
+from mocoretrieval.decode_items import ImageFileDataset
+from mocoretrieval.decode_pool import decode_batches
 from mocoretrieval.embed import plan_chunks
 from mocoretrieval.walk import walk_images
 

@@ -294,7 +294,8 @@ def test_decode_pool_workers_read_every_format(tmp_path):
     """The index's decoding path with a worker process (the pool's default start method)."""
     import torch
 
-    from mocoretrieval.decode_pool import ImageFileDataset, decode_batches
+    from mocoretrieval.decode_items import ImageFileDataset
+    from mocoretrieval.decode_pool import decode_batches
 
     _write(_halves(), tmp_path / "a.heic", "HEIF")
     _write(_halves(), tmp_path / "b.avif", "AVIF")
