@@ -26,6 +26,8 @@ from . import ann
 from .errors import IndexFormatError, MoCoRetrievalError
 
 PREFIX = "ondisk"
+# Lists from which the coarse quantizer is a graph rather than a flat scan (see factory_for).
+HNSW_LISTS = 1024
 # Past this many vectors ``auto`` builds on disk. At 5M x 2048-d the in-RAM automatic index
 # (4-bit codes + the float32 RFlat copy) is ~41 GB; the store-dtype float16 store is 20 GB.
 MIN_VECTORS = 5_000_000
@@ -55,13 +57,17 @@ def factory_for(n: int, dim: int) -> str:
     K = 2 * sqrt(n) lists (FAISS guideline 4-16 * sqrt(n), halved: each list is a contiguous
     read from disk, and fewer lists train and assign faster); 8-bit PQ with one byte per 8
     dimensions, at most 64 (a 32-d sub-vector per byte at 2048-d): the codes only pick
-    candidates, the stored vectors rank them.
+    candidates, the stored vectors rank them. No RFlat: its float32 copy is the RAM wall.
     """
     lists = max(1, round(2 * math.sqrt(n)))
     m = min(64, max(1, dim // 8))
     while dim % m:
         m -= 1
-    return f"{PREFIX}:IVF{lists},PQ{m}x8"
+    # Past HNSW_LISTS lists the coarse quantizer is an HNSW graph over the centroids: assigning
+    # 10M vectors to 6,325 centroids by brute force is 3e13 flops, most of the build; the
+    # graph needs a few hundred distances per vector (FAISS wiki, "IVF65536_HNSW32").
+    quantizer = "_HNSW32" if lists >= HNSW_LISTS else ""
+    return f"{PREFIX}:IVF{lists}{quantizer},PQ{m}x8"
 
 
 def in_ram_bytes(n: int, dim: int) -> int:
