@@ -68,8 +68,8 @@ def indexed(tmp_path):
 
 def test_shard_merged_lists_equal_an_in_ram_ivfpq_of_the_same_training(tmp_path):
     """Same trained quantizers, lists filled in three shards and merged on disk vs one in-RAM
-    add: identical candidates and distances. Catches a shard left out of the merge, or ids
-    shifted while filling (e.g. ``add`` instead of ``add_with_ids``)."""
+    add: identical candidates and distances. Catches a shard left out of the merge (mutation run:
+    merging ``shard_files[1:]``), or ids shifted while filling (``add`` for ``add_with_ids``)."""
     faiss = ann.faiss_module()
     vectors = _clustered(N)
     ids = np.arange(N, dtype=np.int64) * 7 + 3  # not positions: the ids must survive
@@ -98,7 +98,8 @@ def test_shard_merged_lists_equal_an_in_ram_ivfpq_of_the_same_training(tmp_path)
 def test_reranking_scores_are_exact_and_recall_reaches_the_target(indexed):
     """The returned scores are the exact inner products of the stored vectors, and the tuned
     recall@10 against exact search is over 0.9 on new queries. Catches a wrapper that returns
-    the PQ distances (no re-ranking) or mixes up candidates and their vectors."""
+    the PQ distances (no re-ranking) or mixes up candidates and their queries (mutation run: the
+    einsum against the queries reversed)."""
     _, ff, manifest, vectors = indexed
     index = ff.get()
     assert isinstance(index, RerankedIndex)
@@ -116,7 +117,7 @@ def test_reranking_scores_are_exact_and_recall_reaches_the_target(indexed):
 def test_search_after_reopening_maps_the_saved_lists_without_rebuilding(indexed, monkeypatch):
     """A new reader loads index.faiss + the .ivfdata it names (memory-mapped) and finds the
     same results. Catches a freshness check or load path that rebuilds every time, or a load
-    that does not find the lists."""
+    that does not find the lists (mutation run: ``_fresh`` comparing the lists' size with ``!=``)."""
     store, ff, manifest, vectors = indexed
     entry = manifest["faiss"]
     assert (ff.dir / entry["lists"]).stat().st_size == entry["lists_bytes"] > 0
@@ -134,7 +135,7 @@ def test_search_after_reopening_maps_the_saved_lists_without_rebuilding(indexed,
 def test_a_moved_index_folder_still_loads(indexed, tmp_path, monkeypatch):
     """The index file names its lists by base name, looked up beside it: copy the folder away,
     delete the original, and the copy still searches. Catches loading without
-    IO_FLAG_ONDISK_SAME_DIR (FAISS would open the old absolute path)."""
+    IO_FLAG_ONDISK_SAME_DIR (mutation run: FAISS then opens the old absolute path)."""
     store, ff, manifest, vectors = indexed
     want = ff.get().search(vectors[:20], 10)[1]
     store.close()
@@ -152,7 +153,8 @@ def test_a_crash_between_the_lists_and_the_index_file_keeps_the_old_index(indexe
     """Rebuild, and die while index.faiss is being replaced (the new .ivfdata is written): the
     old index.faiss, its lists and the manifest still load and search; the next good build
     removes the stray lists. Catches deleting the old lists before the manifest names the new
-    ones, or writing the new lists over the old file."""
+    ones (mutation run: ``remove_stale_lists`` before ``ann.save``), or new lists written over
+    the old file."""
     store, ff, manifest, vectors = indexed
     old = dict(manifest["faiss"])
     want = ff.get().search(vectors[:20], 10)[1]
@@ -176,7 +178,8 @@ def test_a_crash_between_the_lists_and_the_index_file_keeps_the_old_index(indexe
 def test_adding_and_removing_files_refills_the_lists_with_the_same_training(indexed):
     """Remove 300 vectors and add 300 new ones: the index holds exactly the store's vectors,
     a removed one is never returned, each new one finds itself, and k-means is not redone.
-    Catches a refill that keeps the old lists (emptied() not emptying) or drops the update."""
+    Catches a refill over a template that is not emptied (mutation run: ``emptied`` without
+    resetting ``ntotal``) or one that drops the update."""
     store, ff, manifest, vectors = indexed
     trained_on = manifest["faiss"]["trained_on"]
     store.remove([f"{i}.jpg" for i in range(300)])
@@ -200,7 +203,8 @@ def _add_some(store: Store, vectors: np.ndarray) -> None:
 def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
     """With the threshold patched down to 1,500, ``auto`` stays in RAM below it, goes on disk
     above it (and past the RAM budget), and a FaissFile with ``auto`` then writes lists.
-    Catches a threshold that is not consulted or compared the wrong way round."""
+    Catches a threshold that is not consulted or compared the wrong way (mutation run: ``>``
+    for ``>=`` in ``wants_ondisk``)."""
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     monkeypatch.setattr(ondisk, "MIN_VECTORS", 1500)
     assert not ann.auto_factory(1499, DIM).startswith("ondisk")
@@ -218,7 +222,8 @@ def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
 
 
 def test_forcing_checks_the_factory():
-    """``ondisk:`` needs an IVF factory; a bad one is refused before any work."""
+    """``ondisk:`` needs an IVF factory; a bad one is refused before any work. Catches the
+    IVF check left out (mutation run: ``if False`` for it)."""
     ann.check_factory("ondisk", DIM)
     ann.check_factory(FORCED, DIM)
     with pytest.raises(Exception, match="inverted file"):
