@@ -12,9 +12,11 @@ fit in RAM".
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,7 +158,8 @@ def build(
         try:
             shard_files = _fill_shards(source, empty, shards_dir, shard_vectors)
             index = faiss.clone_index(empty)
-            merge_ondisk(index, [str(f) for f in shard_files], str(lists_path))
+            with _c_stdout_to_stderr():
+                merge_ondisk(index, [str(f) for f in shard_files], str(lists_path))
         finally:
             shutil.rmtree(shards_dir, ignore_errors=True)
     except RuntimeError as e:
@@ -245,9 +248,26 @@ def load(path: Path) -> Any:
     for name in LOAD_FLAGS:
         flags |= getattr(faiss, name)
     try:
-        return faiss.read_index(str(path), flags)
+        with _c_stdout_to_stderr():
+            return faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise IndexFormatError(f"cannot read FAISS index {path}: {ann._first_line(e)}") from e
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr():
+    """Sends what C code prints meanwhile to stderr: FAISS's on-disk lists print progress
+    ("resizing ...", "updating ondisk filename ...") on the C stdout, which carries a CLI's
+    results (``search --json``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # C's buffered stdout, before fd 1 is the real one again
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _sync(path: Path) -> None:

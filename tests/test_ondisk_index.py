@@ -255,3 +255,25 @@ def test_an_image_folder_indexed_with_the_forced_type_finds_each_image(
     again = ImageIndex.open(tmp_path / "idx")
     assert again.search(images[3], k=6)[0].path == str(images[3])
     again.close()
+
+
+def test_faiss_progress_prints_stay_off_stdout(tmp_path, capfd):
+    """FAISS prints "resizing ..." and "updating ondisk filename ..." from C; they go to stderr
+    so a CLI's stdout (``search --json``) stays parseable. Catches the redirection left out
+    (mutation run: ``merge_ondisk`` and ``read_index`` outside ``_c_stdout_to_stderr``)."""
+    import ctypes
+
+    vectors = _clustered(500)
+    ids = np.arange(500, dtype=np.int64)
+    built = ondisk.build(
+        ann.ArraySource(ids, vectors),
+        "ondisk:IVF4,PQ8x4",
+        tmp_path / "lists-a.ivfdata",
+        _array_lookup(ids, vectors),
+        tune=False,
+    )
+    ann.save(built.index.base, tmp_path / "index.faiss")
+    ondisk.load(tmp_path / "index.faiss")
+    ctypes.CDLL(None).fflush(None)
+    out, err = capfd.readouterr()
+    assert out == "" and "resizing" in err
