@@ -12,12 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from .ann import REFINE_FACTORS, faiss_module
+from .ann import faiss_module
 
 # ``lookup(ids)`` -> ``(found ids (m,) int64 sorted, vectors (m, D) float32)``; unknown ids are
 # left out (e.g. :meth:`mocoretrieval.store.Store.vectors_of`).
 Lookup = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
+# Candidates re-scored per result wanted, tried in turn by the tuner: as ann.REFINE_FACTORS,
+# plus 64, since reading candidates from the store costs less than scanning more lists.
+RERANK_FACTORS = (4, 8, 16, 32, 64)
 # Queries re-ranked together: (block, k * k_factor, D) float32 candidates in memory at once
 # (16 x 320 x 2048 x 4 bytes = 42 MB at most with the largest factor).
 QUERY_BLOCK = 16
@@ -37,7 +40,7 @@ class RerankedIndex:
         k_factor: candidates re-ranked per result wanted.
     """
 
-    def __init__(self, base: Any, lookup: Lookup, k_factor: int = REFINE_FACTORS[0]) -> None:
+    def __init__(self, base: Any, lookup: Lookup, k_factor: int = RERANK_FACTORS[0]) -> None:
         self.base = base
         self.lookup = lookup
         self.k_factor = k_factor
@@ -56,7 +59,7 @@ class RerankedIndex:
 
     def fixed_options(self) -> list[dict[str, int]]:
         """The re-ranking depths the tuner tries in turn, each with its own nprobe."""
-        return [{"k_factor": f} for f in REFINE_FACTORS]
+        return [{"k_factor": f} for f in RERANK_FACTORS]
 
     def set_search_params(self, params: dict[str, int]) -> None:
         """Sets ``k_factor`` here and the rest (``nprobe``) on the base index."""

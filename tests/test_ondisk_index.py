@@ -208,7 +208,7 @@ def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     monkeypatch.setattr(ondisk, "MIN_VECTORS", 1500)
     assert not ann.auto_factory(1499, DIM).startswith("ondisk")
-    assert ann.auto_factory(1500, 256) == "ondisk:IVF77,PQ32x8"
+    assert ann.auto_factory(1500, 256) == "ondisk:IVF77,PQ64x8"
     monkeypatch.setattr(ondisk, "RAM_BUDGET", 1400 * DIM * 4)
     assert ann.auto_factory(1450, DIM).startswith("ondisk:")
     assert ondisk.factory_for(10_000_000, 2048) == "ondisk:IVF6325_HNSW32,PQ64x8"
