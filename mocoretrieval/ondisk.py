@@ -71,7 +71,9 @@ def factory_for(n: int, dim: int) -> str:
     # 10M vectors to 6,325 centroids by brute force is 3e13 flops, most of the build; the
     # graph needs a few hundred distances per vector (FAISS wiki, "IVF65536_HNSW32").
     quantizer = "_HNSW32" if lists >= HNSW_LISTS else ""
-    return f"{PREFIX}:IVF{lists}{quantizer},PQ{m}x8"
+    # k-means needs as many points as centroids: a forced small collection gets fewer bits.
+    bits = max(1, min(8, int(math.log2(max(n, 2))) - 2))
+    return f"{PREFIX}:IVF{lists}{quantizer},PQ{m}x{bits}"
 
 
 def in_ram_bytes(n: int, dim: int) -> int:
