@@ -28,8 +28,6 @@ from . import ann
 from .errors import IndexFormatError, MoCoRetrievalError
 
 PREFIX = "ondisk"
-# Lists from which the coarse quantizer is a graph rather than a flat scan (see factory_for).
-HNSW_LISTS = 1024
 # Past this many vectors ``auto`` builds on disk. At 5M x 2048-d the in-RAM automatic index
 # (4-bit codes + the float32 RFlat copy) is ~41 GB; the store-dtype float16 store is 20 GB.
 MIN_VECTORS = 5_000_000
@@ -67,13 +65,13 @@ def factory_for(n: int, dim: int) -> str:
     m = min(64, max(1, dim // 4))
     while dim % m:
         m -= 1
-    # Past HNSW_LISTS lists the coarse quantizer is an HNSW graph over the centroids: assigning
-    # 10M vectors to 6,325 centroids by brute force is 3e13 flops, most of the build; the
-    # graph needs a few hundred distances per vector (FAISS wiki, "IVF65536_HNSW32").
-    quantizer = "_HNSW32" if lists >= HNSW_LISTS else ""
+    # The coarse quantizer is a flat scan of the centroids. An HNSW graph over them
+    # ("IVF2000_HNSW32", FAISS wiki) assigns faster, but at its default efSearch it returned
+    # only ~460 of 2,000 requested lists and capped recall@10 at 0.905 at 1M vectors whatever
+    # nprobe or the re-ranking depth (benchmarks/scale.py); force it with ondisk:FACTORY.
     # k-means needs as many points as centroids: a forced small collection gets fewer bits.
     bits = max(1, min(8, int(math.log2(max(n, 2))) - 2))
-    return f"{PREFIX}:IVF{lists}{quantizer},PQ{m}x{bits}"
+    return f"{PREFIX}:IVF{lists},PQ{m}x{bits}"
 
 
 def in_ram_bytes(n: int, dim: int) -> int:

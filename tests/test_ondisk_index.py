@@ -211,7 +211,7 @@ def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
     assert ann.auto_factory(1500, 256) == "ondisk:IVF77,PQ64x8"
     monkeypatch.setattr(ondisk, "RAM_BUDGET", 1400 * DIM * 4)
     assert ann.auto_factory(1450, DIM).startswith("ondisk:")
-    assert ondisk.factory_for(10_000_000, 2048) == "ondisk:IVF6325_HNSW32,PQ64x8"
+    assert ondisk.factory_for(10_000_000, 2048) == "ondisk:IVF6325,PQ64x8"
     monkeypatch.setattr(ondisk, "factory_for", lambda n, dim: FORCED)  # fast to train here
     store = Store(tmp_path / "index.db", DIM)
     _add(store, _clustered(N), 0)
