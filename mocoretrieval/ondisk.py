@@ -280,9 +280,12 @@ def _sync(path: Path) -> None:
 
 def remove_stale_lists(folder: Path, keep: str | None) -> None:
     """Deletes the ``lists-*.ivfdata`` files of ``folder`` other than ``keep``: the previous
-    build's, once the manifest no longer names it, and any a crash left behind. A process
-    still searching a deleted one keeps its mapping (POSIX)."""
+    build's, once the manifest no longer names it, and any a crash left behind (with its
+    ``.shards-*`` folder). Called by the writer, which holds the index lock. A process still
+    searching a deleted lists file keeps its mapping (POSIX)."""
     for stale in folder.glob("lists-*.ivfdata"):
         if stale.name != keep:
             with contextlib.suppress(OSError):
                 stale.unlink()
+    for shards in folder.glob(".shards-*"):  # a build that died while filling
+        shutil.rmtree(shards, ignore_errors=True)
