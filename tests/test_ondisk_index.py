@@ -152,7 +152,7 @@ def test_a_moved_index_folder_still_loads(indexed, tmp_path, monkeypatch):
 def test_a_crash_between_the_lists_and_the_index_file_keeps_the_old_index(indexed, monkeypatch):
     """Rebuild, and die while index.faiss is being replaced (the new .ivfdata is written): the
     old index.faiss, its lists and the manifest still load and search; the next good build
-    removes the stray lists. Catches deleting the old lists before the manifest names the new
+    removes the stray lists and shard folders. Catches deleting the old lists before the manifest names the new
     ones (mutation run: ``remove_stale_lists`` before ``ann.save``), or new lists written over
     the old file."""
     store, ff, manifest, vectors = indexed
@@ -171,8 +171,10 @@ def test_a_crash_between_the_lists_and_the_index_file_keeps_the_old_index(indexe
     reader = _faiss_file(ff.dir, store, dict(manifest))
     np.testing.assert_array_equal(reader.get().search(vectors[:20], 10)[1], want)
     monkeypatch.undo()
+    (ff.dir / ".shards-died").mkdir()  # as a build killed while filling leaves
     ff._rebuild(save=True)
     assert [p.name for p in ff.dir.glob("lists-*.ivfdata")] == [manifest["faiss"]["lists"]]
+    assert not list(ff.dir.glob(".shards-*"))
 
 
 def test_adding_and_removing_files_refills_the_lists_with_the_same_training(indexed):
