@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temp dir)")
     parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument(
+        "--search-only", action="store_true", help="measure the index --work already holds"
+    )
     parser.add_argument("--build-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build_child:
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(work / "vectors.f16", args.n, args.dim, args.seed)
     gen_s = time.perf_counter() - t0
     child = [sys.executable, __file__, "--build-child", "--work", str(work)]
-    subprocess.run([*child, "--n", str(args.n), "--dim", str(args.dim)], check=True)
+    if not args.search_only:
+        subprocess.run([*child, "--n", str(args.n), "--dim", str(args.dim)], check=True)
     report = json.loads((work / "build.json").read_text())
 
     source = VectorFile(work / "vectors.f16", args.n, args.dim)
