@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 from results import append_section
 
-from mocoretrieval import ann, ondisk
+from mocoretrieval import ann, ondisk, ondisk_plan
 from mocoretrieval.rerank import RerankedIndex
 
 CHUNK = 100_000  # vectors generated (and read back) at a time: 100k x 256 x 4 = 100 MB
@@ -93,7 +93,7 @@ def generate(path: Path, n: int, dim: int, seed: int) -> None:
 def build_child(work: Path, n: int, dim: int) -> None:
     """The measured build: what ``FaissFile`` does for the on-disk type, from the vector file."""
     source = VectorFile(work / "vectors.f16", n, dim)
-    factory = ondisk.factory_for(n, dim)
+    factory = ondisk_plan.factory_for(n, dim)
     t0 = time.perf_counter()
     built = ondisk.build(source, factory, work / "lists-bench.ivfdata", source.lookup)
     size = ann.save(built.index.base, work / "index.faiss")

@@ -59,16 +59,16 @@ def auto_factory(n: int, dim: int) -> str:
     et al., "Quicker ADC", TPAMI 2019. Measured here at 200k x 512 and recall@10 0.95, nprobe
     128 of 1800 lists: p50 0.34 ms against 2.87 ms for the same lists holding float vectors.
 
-    Past :func:`mocoretrieval.ondisk.wants_ondisk` (millions of vectors, or an in-RAM index
+    Past :func:`mocoretrieval.ondisk_plan.wants_ondisk` (millions of vectors, or an in-RAM index
     over its RAM budget) the lists go to disk and the re-ranking reads the stored vectors:
     ``ondisk:IVF{K},PQ{m}x8`` (:mod:`mocoretrieval.ondisk`).
     """
-    from . import ondisk
+    from . import ondisk_plan
 
     if n <= EXACT_MAX:
         return "Flat"
-    if ondisk.wants_ondisk(n, dim):
-        return ondisk.factory_for(n, dim)
+    if ondisk_plan.wants_ondisk(n, dim):
+        return ondisk_plan.factory_for(n, dim)
     lists = round(4 * math.sqrt(n))
     if dim % 4:
         return f"IVF{lists},Flat"
@@ -77,12 +77,12 @@ def auto_factory(n: int, dim: int) -> str:
 
 def check_factory(factory: str, dim: int) -> None:
     """Raises a clear error when ``factory`` is not a FAISS factory string for ``dim``-d vectors."""
-    from . import ondisk
+    from . import ondisk_plan
 
     if factory == "auto":
         return
-    if ondisk.is_ondisk(factory):
-        ondisk.check(factory, dim)
+    if ondisk_plan.is_ondisk(factory):
+        ondisk_plan.check(factory, dim)
         return
     faiss = faiss_module()
     try:
@@ -97,12 +97,12 @@ def check_factory(factory: str, dim: int) -> None:
 def check_buildable(factory: str, n: int, dim: int) -> None:
     """Raises a clear error, before any work, when ``factory`` cannot be trained on ``n``
     vectors: an IVF index needs at least one vector per list (k-means)."""
-    from . import ondisk
+    from . import ondisk_plan
 
     check_factory(factory, dim)
-    if factory in ("auto", ondisk.PREFIX):
+    if factory in ("auto", ondisk_plan.PREFIX):
         return
-    inner = ondisk.inner(factory) if ondisk.is_ondisk(factory) else factory
+    inner = ondisk_plan.inner(factory) if ondisk_plan.is_ondisk(factory) else factory
     faiss = faiss_module()
     ivf = faiss.try_extract_index_ivf(faiss.index_factory(dim, inner, faiss.METRIC_INNER_PRODUCT))
     if ivf is not None and n < ivf.nlist:

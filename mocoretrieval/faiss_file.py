@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import ann, ondisk
+from . import ann, ondisk, ondisk_plan
 from .errors import IndexFormatError
 from .layout import FAISS_FILE
 from .store import Store
@@ -118,11 +118,11 @@ class FaissFile:
             generation, n = snapshot.generation, snapshot.n
             requested = self.manifest["index_type"]
             factory = ann.auto_factory(n, self.store.dim) if requested == "auto" else requested
-            factory = ondisk.resolve(factory, n, self.store.dim)
+            factory = ondisk_plan.resolve(factory, n, self.store.dim)
             trained = self._reusable_training(requested, n)
             if trained:
                 factory = trained.factory
-            if ondisk.is_ondisk(factory):
+            if ondisk_plan.is_ondisk(factory):
                 self._build_ondisk(snapshot, factory, trained, generation, requested, save)
                 return
             built = ann.build_from(snapshot, factory, trained=trained)
@@ -224,7 +224,7 @@ class FaissFile:
             return None
         if requested == "auto":
             wanted = ann.auto_factory(n, self.store.dim)
-            if wanted == "Flat" or ondisk.is_ondisk(wanted) != bool(entry.get("lists")):
+            if wanted == "Flat" or ondisk_plan.is_ondisk(wanted) != bool(entry.get("lists")):
                 return None  # crossed the exact-search or the on-disk threshold
         try:
             index = ondisk.load(self.file) if entry.get("lists") else ann.load(self.file)

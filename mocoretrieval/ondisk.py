@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 import shutil
 import sys
@@ -26,13 +25,8 @@ import numpy as np
 
 from . import ann
 from .errors import IndexFormatError, MoCoRetrievalError
+from .ondisk_plan import inner
 
-PREFIX = "ondisk"
-# Past this many vectors ``auto`` builds on disk. At 5M x 2048-d the in-RAM automatic index
-# (4-bit codes + the float32 RFlat copy) is ~41 GB; the store-dtype float16 store is 20 GB.
-MIN_VECTORS = 5_000_000
-# ... or sooner, when the in-RAM index would take more than this (1M x 2048-d: 8.5 GB, kept).
-RAM_BUDGET = 16 << 30
 # Training sample cap: k-means and PQ codebooks converge on a few hundred thousand points
 # (FAISS wiki, "Guidelines": 30-256 x nlist); more only lengthens the build.
 TRAIN_CAP = 262_144
@@ -44,73 +38,6 @@ SHARD_VECTORS = 1_000_000
 # OnDiskInvertedLists whatever the flags; IO_FLAG_MMAP on index.faiss itself (quantizers only)
 # crashed searches in faiss 1.15 (segfault), so it is not set.
 LOAD_FLAGS = ("IO_FLAG_READ_ONLY", "IO_FLAG_ONDISK_SAME_DIR")
-
-
-def is_ondisk(factory: str) -> bool:
-    """Whether ``factory`` (requested or built) is the on-disk type."""
-    return factory == PREFIX or factory.startswith(PREFIX + ":")
-
-
-def factory_for(n: int, dim: int) -> str:
-    """The on-disk factory for ``n`` vectors of ``dim`` dimensions, prefix included.
-
-    K = 2 * sqrt(n) lists (FAISS guideline 4-16 * sqrt(n), halved: each list is a contiguous
-    read from disk, and fewer lists train and assign faster); 8-bit PQ with one byte per 4
-    dimensions, at most 64 (a 32-d sub-vector per byte at 2048-d): the codes only pick
-    candidates, the stored vectors rank them. One byte per 8 dimensions (PQ32 at 256-d)
-    plateaued at recall@10 0.89 at 1M vectors whatever nprobe, with 320 candidates re-ranked
-    (``benchmarks/scale.py``): the true neighbours were not among them. No RFlat: its float32 copy is the RAM wall.
-    """
-    lists = max(1, round(2 * math.sqrt(n)))
-    m = min(64, max(1, dim // 4))
-    while dim % m:
-        m -= 1
-    # The coarse quantizer is a flat scan of the centroids. An HNSW graph over them
-    # ("IVF2000_HNSW32", FAISS wiki) assigns faster, but at its default efSearch it returned
-    # only ~460 of 2,000 requested lists and capped recall@10 at 0.905 at 1M vectors whatever
-    # nprobe or the re-ranking depth (benchmarks/scale.py); force it with ondisk:FACTORY.
-    # k-means needs as many points as centroids: a forced small collection gets fewer bits.
-    bits = max(1, min(8, int(math.log2(max(n, 2))) - 2))
-    return f"{PREFIX}:IVF{lists},PQ{m}x{bits}"
-
-
-def in_ram_bytes(n: int, dim: int) -> int:
-    """Estimated RAM of the in-RAM automatic index: 4-bit codes, ids and the float32 copy."""
-    return n * (dim * 4 + dim // 8 + 8)
-
-
-def wants_ondisk(n: int, dim: int) -> bool:
-    """Whether ``auto`` builds on disk: past :data:`MIN_VECTORS`, or past :data:`RAM_BUDGET`."""
-    return n >= MIN_VECTORS or in_ram_bytes(n, dim) > RAM_BUDGET
-
-
-def resolve(factory: str, n: int, dim: int) -> str:
-    """``ondisk`` with the factory filled in for ``n`` vectors; any other string unchanged."""
-    return factory_for(n, dim) if factory == PREFIX else factory
-
-
-def inner(factory: str) -> str:
-    """The FAISS factory string of an ``ondisk:FACTORY`` type."""
-    return factory.split(":", 1)[1]
-
-
-def check(factory: str, dim: int) -> None:
-    """Raises a clear error when an ``ondisk:FACTORY`` is not an IVF factory for ``dim``."""
-    if factory == PREFIX:
-        return
-    faiss = ann.faiss_module()
-    try:
-        index = faiss.index_factory(dim, inner(factory), faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise MoCoRetrievalError(
-            f"--index-type {factory!r}: {inner(factory)!r} is not a FAISS factory string for "
-            f"{dim}-d vectors; try 'ondisk' or 'ondisk:IVF1024,PQ32x8'"
-        ) from e
-    if faiss.try_extract_index_ivf(index) is None:
-        raise MoCoRetrievalError(
-            f"--index-type {factory!r}: the on-disk type needs an inverted file (IVF...), "
-            "e.g. 'ondisk:IVF1024,PQ32x8'; or give 'ondisk' alone"
-        )
 
 
 def build(
@@ -133,7 +60,7 @@ def build(
 
     Args:
         source: the ids and L2-normalised vectors, read in chunks (several passes).
-        factory: ``ondisk:FACTORY`` (see :func:`resolve`).
+        factory: ``ondisk:FACTORY`` (see :func:`mocoretrieval.ondisk_plan.resolve`).
         lists_path: the ``.ivfdata`` file to create; it must not exist.
         lookup: the stored vectors by id, for re-ranking (see :mod:`mocoretrieval.rerank`).
         seed: for the training and tuning samples.

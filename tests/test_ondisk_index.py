@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mocoretrieval import ann, ondisk
+from mocoretrieval import ann, ondisk, ondisk_plan
 from mocoretrieval.faiss_file import FaissFile
 from mocoretrieval.rerank import RerankedIndex
 from mocoretrieval.store import FileStat, Store
@@ -208,13 +208,13 @@ def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
     Catches a threshold that is not consulted or compared the wrong way (mutation run: ``>``
     for ``>=`` in ``wants_ondisk``)."""
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
-    monkeypatch.setattr(ondisk, "MIN_VECTORS", 1500)
+    monkeypatch.setattr(ondisk_plan, "MIN_VECTORS", 1500)
     assert not ann.auto_factory(1499, DIM).startswith("ondisk")
     assert ann.auto_factory(1500, 256) == "ondisk:IVF77,PQ64x8"
-    monkeypatch.setattr(ondisk, "RAM_BUDGET", 1400 * DIM * 4)
+    monkeypatch.setattr(ondisk_plan, "RAM_BUDGET", 1400 * DIM * 4)
     assert ann.auto_factory(1450, DIM).startswith("ondisk:")
-    assert ondisk.factory_for(10_000_000, 2048) == "ondisk:IVF6325,PQ64x8"
-    monkeypatch.setattr(ondisk, "factory_for", lambda n, dim: FORCED)  # fast to train here
+    assert ondisk_plan.factory_for(10_000_000, 2048) == "ondisk:IVF6325,PQ64x8"
+    monkeypatch.setattr(ondisk_plan, "factory_for", lambda n, dim: FORCED)  # fast to train here
     store = Store(tmp_path / "index.db", DIM)
     _add(store, _clustered(N), 0)
     manifest = {"index_type": "auto"}
