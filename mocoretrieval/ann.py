@@ -58,9 +58,17 @@ def auto_factory(n: int, dim: int) -> str:
     candidates are re-ranked with the exact vectors (``RFlat``, :data:`REFINE_FACTORS`): André
     et al., "Quicker ADC", TPAMI 2019. Measured here at 200k x 512 and recall@10 0.95, nprobe
     128 of 1800 lists: p50 0.34 ms against 2.87 ms for the same lists holding float vectors.
+
+    Past :func:`mocoretrieval.ondisk_plan.wants_ondisk` (millions of vectors, or an in-RAM index
+    over its RAM budget) the lists go to disk and the re-ranking reads the stored vectors:
+    ``ondisk:IVF{K},PQ{m}x8`` (:mod:`mocoretrieval.ondisk`).
     """
+    from . import ondisk_plan
+
     if n <= EXACT_MAX:
         return "Flat"
+    if ondisk_plan.wants_ondisk(n, dim):
+        return ondisk_plan.factory_for(n, dim)
     lists = round(4 * math.sqrt(n))
     if dim % 4:
         return f"IVF{lists},Flat"
@@ -69,7 +77,12 @@ def auto_factory(n: int, dim: int) -> str:
 
 def check_factory(factory: str, dim: int) -> None:
     """Raises a clear error when ``factory`` is not a FAISS factory string for ``dim``-d vectors."""
+    from . import ondisk_plan
+
     if factory == "auto":
+        return
+    if ondisk_plan.is_ondisk(factory):
+        ondisk_plan.check(factory, dim)
         return
     faiss = faiss_module()
     try:
@@ -84,11 +97,14 @@ def check_factory(factory: str, dim: int) -> None:
 def check_buildable(factory: str, n: int, dim: int) -> None:
     """Raises a clear error, before any work, when ``factory`` cannot be trained on ``n``
     vectors: an IVF index needs at least one vector per list (k-means)."""
+    from . import ondisk_plan
+
     check_factory(factory, dim)
-    if factory == "auto":
+    if factory in ("auto", ondisk_plan.PREFIX):
         return
+    inner = ondisk_plan.inner(factory) if ondisk_plan.is_ondisk(factory) else factory
     faiss = faiss_module()
-    ivf = faiss.try_extract_index_ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    ivf = faiss.try_extract_index_ivf(faiss.index_factory(dim, inner, faiss.METRIC_INNER_PRODUCT))
     if ivf is not None and n < ivf.nlist:
         raise MoCoRetrievalError(
             f"--index-type {factory!r} has {ivf.nlist} lists and needs at least as many images; "
@@ -251,6 +267,8 @@ def _exact_neighbours(queries: np.ndarray, source: VectorSource, k: int) -> np.n
 
 def _fixed_params(index: Any) -> list[dict[str, int]]:
     """Settings to try in turn, each then tuned: the re-ranking depths of a refined index."""
+    if hasattr(index, "fixed_options"):  # re-ranked from the store (mocoretrieval.rerank)
+        return index.fixed_options()
     faiss = faiss_module()
     inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
     if isinstance(inner, faiss.IndexRefine):
@@ -261,6 +279,7 @@ def _fixed_params(index: Any) -> list[dict[str, int]]:
 def _search_knob(index: Any) -> tuple[str, list[int]] | None:
     """The speed/recall parameter of ``index`` and the values to try, smallest first."""
     faiss = faiss_module()
+    index = getattr(index, "base", index)  # a re-ranking wrapper tunes its base's nprobe
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         # Steps of 1.5x-1.33x (1, 2, 3, 4, 6, 8, 12, ...): latency grows linearly with nprobe,
@@ -275,7 +294,9 @@ def _search_knob(index: Any) -> tuple[str, list[int]] | None:
 
 def set_params(index: Any, params: dict[str, int]) -> None:
     """Applies search parameters (``nprobe``, ``efSearch``) through any wrapper."""
-    if params:
+    if hasattr(index, "set_search_params"):  # re-ranked from the store (mocoretrieval.rerank)
+        index.set_search_params(params)
+    elif params:
         faiss = faiss_module()
         space = faiss.ParameterSpace()
         for name, value in params.items():

@@ -9,11 +9,14 @@ rebuilt from the stored vectors — never by the model — and replaced atomical
 from __future__ import annotations
 
 import logging
+import secrets
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import ann
+from . import ann, ondisk, ondisk_plan
 from .errors import IndexFormatError
 from .layout import FAISS_FILE
 from .store import Store
@@ -43,6 +46,7 @@ class FaissFile:
         manifest: dict[str, Any],
         save_manifest: Callable[[], None],
     ) -> None:
+        self.dir = index_dir
         self.file = index_dir / FAISS_FILE
         self.store = store
         self.manifest = manifest
@@ -57,13 +61,29 @@ class FaissFile:
     def _fresh(self, generation: int) -> bool:
         entry = self.manifest.get("faiss")
         file = self.file
+        lists = entry.get("lists") if entry else None  # the on-disk type's codes, beside it
         return bool(
             entry
             and entry["generation"] == generation
             and entry["requested"] == self.manifest["index_type"]
             and file.is_file()
             and file.stat().st_size == entry["bytes"]
+            and (
+                lists is None
+                or (
+                    (self.dir / lists).is_file()
+                    and (self.dir / lists).stat().st_size == entry["lists_bytes"]
+                )
+            )
         )
+
+    def _load(self) -> Any:
+        """Reads ``index.faiss``: the on-disk type memory-mapped, wrapped for re-ranking."""
+        if not (self.manifest.get("faiss") or {}).get("lists"):
+            return ann.load(self.file)
+        from .rerank import RerankedIndex
+
+        return RerankedIndex(ondisk.load(self.file), self.store.vectors_of)
 
     def refresh(self, *, save: bool, load: bool = False) -> None:
         """Makes sure ``index.faiss`` matches the database, rebuilding it from the stored
@@ -76,7 +96,7 @@ class FaissFile:
             if not load:
                 return
             try:
-                index = ann.load(self.file)
+                index = self._load()
                 if index.ntotal == self.store.count() and index.d == self.store.dim:
                     ann.set_params(index, self.manifest["faiss"]["params"])
                     self.index, self.generation = index, generation
@@ -98,10 +118,14 @@ class FaissFile:
             generation, n = snapshot.generation, snapshot.n
             requested = self.manifest["index_type"]
             factory = ann.auto_factory(n, self.store.dim) if requested == "auto" else requested
+            factory = ondisk_plan.resolve(factory, n, self.store.dim)
             trained = self._reusable_training(requested, n)
-            built = ann.build_from(
-                snapshot, trained.factory if trained else factory, trained=trained
-            )
+            if trained:
+                factory = trained.factory
+            if ondisk_plan.is_ondisk(factory):
+                self._build_ondisk(snapshot, factory, trained, generation, requested, save)
+                return
+            built = ann.build_from(snapshot, factory, trained=trained)
         factory = built.factory
         log.info("built %s over %d vectors in %.1f s (%s)", factory, n, built.seconds, built.params)
         self.index, self.generation = built.index, generation
@@ -123,6 +147,65 @@ class FaissFile:
             "bytes": size,
         }
         self._save_manifest()
+        ondisk.remove_stale_lists(self.dir, keep=None)  # from an earlier on-disk build
+
+    def _build_ondisk(
+        self,
+        snapshot: ann.VectorSource,
+        factory: str,
+        trained: ann.BuiltIndex | None,
+        generation: int,
+        requested: str,
+        save: bool,
+    ) -> None:
+        """Builds the on-disk type; when saving, swaps it in crash-safely.
+
+        The codes go to a new ``lists-<random>.ivfdata``, then ``index.faiss`` (which names
+        it) is replaced atomically, then the manifest; only then is the previous lists file
+        deleted. A crash at any point leaves the previous index file, lists and manifest whole.
+        A reader that may not save builds into a temporary folder, deleted once mapped.
+        """
+        scratch = None if save else Path(tempfile.mkdtemp(prefix="mocoretrieval-"))
+        folder = self.dir if scratch is None else scratch
+        lists = folder / f"lists-{secrets.token_hex(6)}.ivfdata"
+        try:
+            built = ondisk.build(snapshot, factory, lists, self.store.vectors_of, trained=trained)
+        except BaseException:
+            lists.unlink(missing_ok=True)
+            raise
+        finally:
+            if scratch is not None:  # mapped already: the codes stay readable (POSIX)
+                shutil.rmtree(scratch, ignore_errors=True)
+        log.info(
+            "built %s over %d vectors in %.1f s (%s)",
+            factory,
+            snapshot.n,
+            built.seconds,
+            built.params,
+        )
+        self.index, self.generation = built.index, generation
+        if not save:
+            return
+        try:
+            size = ann.save(built.index.base, self.file)
+        except OSError as e:  # a read-only index still searches, from memory
+            log.warning("cannot save %s: %s", self.file, e)
+            lists.unlink(missing_ok=True)
+            return
+        self.manifest["faiss"] = {
+            "factory": factory,
+            "requested": requested,
+            "params": built.params,
+            "recall_at_10": built.recall,
+            "trained_on": built.trained_on,
+            "generation": generation,
+            "ntotal": int(built.index.ntotal),
+            "bytes": size,
+            "lists": lists.name,  # relative: the folder may move
+            "lists_bytes": lists.stat().st_size,
+        }
+        self._save_manifest()
+        ondisk.remove_stale_lists(self.dir, keep=lists.name)
 
     def _reusable_training(self, requested: str, n: int) -> ann.BuiltIndex | None:
         """The saved index, when its training (k-means, codebooks) still fits ``n`` vectors.
@@ -139,10 +222,12 @@ class FaissFile:
             or not trained_on / 2 <= n <= 2 * trained_on
         ):
             return None
-        if requested == "auto" and ann.auto_factory(n, self.store.dim) == "Flat":
-            return None  # shrank back below the exact-search threshold
+        if requested == "auto":
+            wanted = ann.auto_factory(n, self.store.dim)
+            if wanted == "Flat" or ondisk_plan.is_ondisk(wanted) != bool(entry.get("lists")):
+                return None  # crossed the exact-search or the on-disk threshold
         try:
-            index = ann.load(self.file)
+            index = ondisk.load(self.file) if entry.get("lists") else ann.load(self.file)
         except IndexFormatError:
             return None
         if not index.is_trained or index.d != self.store.dim:

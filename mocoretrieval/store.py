@@ -323,6 +323,16 @@ class Store(FramesReading):
             out[path] = StoredEntry(FileRecord(size, mtime_ns, vector_id, reason), vector, jpeg)
         return out
 
+    def vectors_of(self, vector_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (m,) int64 sorted, vectors (m, dim) float32)`` of the given vector ids, in one
+        query per few thousand ids (unknown ids are left out): what exact re-ranking reads."""
+        wanted = sorted({int(i) for i in np.asarray(vector_ids).ravel() if i >= 0})
+        with self._lock:
+            dtype = read_dtype(self._db, self.path)
+        rows = self._select_in("SELECT id, vector FROM vectors WHERE id IN ({marks})", wanted)
+        rows.sort()
+        return decode_vectors(rows, self.dim, self.path, dtype)
+
     def thumbnails(self, paths: Iterable[str]) -> dict[str, StoredThumbnail]:
         """The stored thumbnails of embedded files, by relative path (files without one, or an
         index built before thumbnails were stored, are left out)."""

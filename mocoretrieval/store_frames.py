@@ -15,8 +15,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .store_db import decode_vectors, read_dtype
-
 
 class FrameRow(NamedTuple):
     """One stored keyframe of a video."""
@@ -36,6 +34,7 @@ class FramesReading:
     _db: sqlite3.Connection
     _lock: threading.Lock
     _select_in: Callable[[str, Sequence[object]], list[tuple]]
+    vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
     def file_count(self) -> int:
         """How many files are embedded: a video counts once, whatever its keyframes
@@ -81,12 +80,5 @@ class FramesReading:
 
     def vectors_by_id(self, vector_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Stored vectors by id, ``(dim,)`` float32 each (unknown ids are left out)."""
-        rows = self._select_in(
-            "SELECT id, vector FROM vectors WHERE id IN ({marks})", sorted(set(vector_ids))
-        )
-        if not rows:
-            return {}
-        with self._lock:
-            dtype = read_dtype(self._db, self.path)
-        ids, vectors = decode_vectors(rows, self.dim, self.path, dtype)
+        ids, vectors = self.vectors_of(np.asarray(list(vector_ids), dtype=np.int64))
         return dict(zip(ids.tolist(), vectors))
