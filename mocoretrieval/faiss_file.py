@@ -136,16 +136,7 @@ class FaissFile:
         except OSError as e:  # a read-only index still searches, from memory
             log.warning("cannot save %s: %s", self.file, e)
             return
-        self.manifest["faiss"] = {
-            "factory": factory,
-            "requested": requested,
-            "params": built.params,
-            "recall_at_10": built.recall,
-            "trained_on": built.trained_on,
-            "generation": generation,
-            "ntotal": int(built.index.ntotal),
-            "bytes": size,
-        }
+        self.manifest["faiss"] = _entry(factory, requested, built, generation, size)
         self._save_manifest()
         ondisk.remove_stale_lists(self.dir, keep=None)  # from an earlier on-disk build
 
@@ -192,15 +183,7 @@ class FaissFile:
             log.warning("cannot save %s: %s", self.file, e)
             lists.unlink(missing_ok=True)
             return
-        self.manifest["faiss"] = {
-            "factory": factory,
-            "requested": requested,
-            "params": built.params,
-            "recall_at_10": built.recall,
-            "trained_on": built.trained_on,
-            "generation": generation,
-            "ntotal": int(built.index.ntotal),
-            "bytes": size,
+        self.manifest["faiss"] = _entry(factory, requested, built, generation, size) | {
             "lists": lists.name,  # relative: the folder may move
             "lists_bytes": lists.stat().st_size,
         }
@@ -242,3 +225,17 @@ class FaissFile:
         """
         self.refresh(save=False, load=True)
         return self.index
+
+
+def _entry(factory: str, requested: str, built: Any, generation: int, size: int) -> dict:
+    """The manifest's ``faiss`` entry of a build saved as ``size`` bytes of ``index.faiss``."""
+    return {
+        "factory": factory,
+        "requested": requested,
+        "params": built.params,
+        "recall_at_10": built.recall,
+        "trained_on": built.trained_on,
+        "generation": generation,
+        "ntotal": int(built.index.ntotal),
+        "bytes": size,
+    }
