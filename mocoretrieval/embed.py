@@ -289,6 +289,17 @@ def worker_died(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "DataLoader worker" in str(e)
 
 
+def raise_if_worker_died(e: BaseException, done: int) -> None:
+    """Raises the error a user gets for a decoding worker that died (see :func:`worker_died`)
+    after ``done`` files were saved; returns for any other error, for the caller to re-raise.
+    """
+    if worker_died(e):
+        raise MoCoRetrievalError(
+            f"a decoding worker died ({e}); the {done} files done so far are saved: run the "
+            "same command again to continue"
+        ) from e
+
+
 def _embed_batches(
     encoder: Embedder,
     decoded: Generator[list[DecodedBatch], None, None],

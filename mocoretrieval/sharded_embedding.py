@@ -135,12 +135,8 @@ def embed_into(
             if progress is not None:
                 progress(done, len(files))
     except RuntimeError as e:
-        if not embed.worker_died(e):
-            raise
-        raise MoCoRetrievalError(
-            f"a decoding worker died ({e}); the {done} files done so far are saved: run the "
-            "same command again to continue"
-        ) from e
+        embed.raise_if_worker_died(e, done)
+        raise
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

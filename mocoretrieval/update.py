@@ -264,12 +264,8 @@ class Updating:
                     # iter_embeddings recovers from its own dead workers and keeps them off
                     # torch's SIGCHLD handler; a DataLoader of the caller's, still registered
                     # there, can have a death reported here, between batches.
-                    if not embed.worker_died(e):
-                        raise
-                    raise MoCoRetrievalError(
-                        f"a decoding worker died ({e}); the {done} files done so far are "
-                        "saved: run the same command again to continue"
-                    ) from e
+                    embed.raise_if_worker_died(e, done)
+                    raise
             previous = self.manifest["index_type"]
             if requested is not None:
                 self.manifest["index_type"] = requested
