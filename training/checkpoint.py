@@ -37,6 +37,13 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seeds every RNG a run draws from: python's, numpy's and torch's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])

@@ -50,6 +50,8 @@ class RobustImageDataset(Dataset):
         transform: PIL image -> anything (e.g. a pair of augmented views).
         labeled: label each image by its first-level sub-folder (for kNN validation).
         min_side: JPEGs are decoded at reduced size while their short side stays above this.
+        indexed: items are ``(index of the file used, transformed image)``; a file that fails
+            to decode is replaced by the next one, and this says which.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class RobustImageDataset(Dataset):
         transform: Callable[[Image.Image], object],
         labeled: bool = False,
         min_side: int | None = None,
+        indexed: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.indexed = indexed
         if not self.root.is_dir():
             raise TrainingDataError(f"{self.root} is not a folder; pass the folder of images")
         self.files = walk_images(self.root)
@@ -92,6 +96,8 @@ class RobustImageDataset(Dataset):
                 logger.warning("skipping %s", e)
                 continue
             out = self.transform(img)
+            if self.indexed:
+                return j, out
             return (out, self.labels[j]) if self.labels else out
         raise TrainingDataError(f"16 images in a row under {self.root} failed to decode")
 

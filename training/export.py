@@ -74,6 +74,25 @@ def save_half(encoder: MoCoEncoder, out_dir: str | Path) -> None:
     save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
 
 
+def write_encoder(
+    encoder: MoCoEncoder, out_dir: str | Path, half: bool = False, card: str | Path | None = None
+) -> None:
+    """Saves ``encoder`` as an encoder folder: float16 storage with ``half`` (its weights are
+    rounded in place first, so that ``weights_hash()`` matches the loaded encoder's), ``card``
+    appended to the generated model card."""
+    if half:
+        with torch.no_grad():
+            for t in encoder.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
+    encoder.save_pretrained(out_dir)
+    if half:
+        save_half(encoder, out_dir)
+    if card is not None:
+        readme = Path(out_dir) / "README.md"
+        readme.write_text(readme.read_text().rstrip() + "\n\n" + Path(card).read_text())
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -100,17 +119,7 @@ def export(
             f"`huggingface-cli upload {push_to_hub} {out_dir}`"
         )
     encoder = encoder_from_checkpoint(checkpoint)
-    if half:  # what the file will hold: weights_hash() then matches the loaded encoder's
-        with torch.no_grad():
-            for t in encoder.state_dict().values():
-                if t.is_floating_point():
-                    t.copy_(t.half().float())
-    encoder.save_pretrained(out_dir)
-    if half:
-        save_half(encoder, out_dir)
-    if card is not None:
-        readme = Path(out_dir) / "README.md"
-        readme.write_text(readme.read_text().rstrip() + "\n\n" + Path(card).read_text())
+    write_encoder(encoder, out_dir, half=half, card=card)
     if push_to_hub:
         try:
             encoder.push_to_hub(push_to_hub, private=private)

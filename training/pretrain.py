@@ -16,14 +16,12 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -79,12 +77,6 @@ class JsonLog:
         with open(self.path, "a") as f:
             f.write(line + "\n")
         logger.info(line)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def evaluate_knn(
@@ -224,7 +216,7 @@ def _restore(t: Trainer, state: dict[str, Any]) -> None:
             len(state["rng"]),
             t.world,
         )
-        _seed_all(t.cfg.seed * 1000 + t.epoch * 10 + t.rank)
+        ckpt_io.seed_all(t.cfg.seed * 1000 + t.epoch * 10 + t.rank)
 
 
 def _wrap_ddp(moco: nn.Module, cfg: PretrainConfig, device: torch.device) -> nn.Module:
@@ -266,7 +258,7 @@ def setup(
         cfg = _resumed_config(cfg, state, explicit)
     _check_batch(cfg, world)
 
-    _seed_all(cfg.seed)  # the same initial weights in every process
+    ckpt_io.seed_all(cfg.seed)  # the same initial weights in every process
     mean, std = normalization(cfg, data)
     moco = build_moco(cfg, mean, std, world_size=world).to(device)
     # channels_last suits both cuDNN and oneDNN convolutions: a ResNet-18 forward+backward at
@@ -297,7 +289,7 @@ def setup(
     if state is not None:
         _restore(t, state)
     else:
-        _seed_all(cfg.seed + 1 + rank)  # each process draws its own augmentations
+        ckpt_io.seed_all(cfg.seed + 1 + rank)  # each process draws its own augmentations
     if distributed:
         t.model = _wrap_ddp(moco, cfg, device)
 
