@@ -31,6 +31,7 @@ pinning is done on arrival, a ~1 ms copy beside a batch's decoding.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -119,6 +120,27 @@ def _worker_main(conn: Connection, dataset: ImageFileDataset) -> None:
         conn.send((seq, out))
 
 
+def start_forked_safely(process: Any, start_method: str) -> None:
+    """Starts ``process``; when it is forked, none of the parent's objects can be finalised in
+    the child.
+
+    A forked child inherits the parent's unreachable objects still waiting for the cycle
+    collector; if the child's collector finalises them, their destructors run without the
+    threads they expect: an onnxruntime session's waits forever for its thread pool (seen in
+    the test suite: decoders hung in ``pthread_cond_destroy``). Every object is frozen for the
+    fork (the child's collector never looks at frozen objects; O(1), unlike a collection) and
+    unfrozen in the parent at once, whose collector finalises its garbage where it belongs.
+    """
+    if start_method != "fork":
+        process.start()
+        return
+    gc.freeze()
+    try:
+        process.start()
+    finally:
+        gc.unfreeze()
+
+
 def _crash_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:
@@ -153,7 +175,7 @@ class _Pool:
             target=_worker_main, args=(child, self.dataset), name="mocoretrieval-decode"
         )
         process.daemon = True
-        process.start()
+        start_forked_safely(process, self.ctx.get_start_method())
         child.close()
         return _Worker(process, parent)
 

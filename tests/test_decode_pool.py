@@ -192,3 +192,39 @@ def test_workers_ask_to_die_with_their_parent(files, monkeypatch):
     monkeypatch.setattr(data, "load_image", load_image)
     done, failed, _ = _decode(files)
     assert failed == [] and done == files[1]
+
+
+class _Finalised:
+    """Garbage in a reference cycle that records the process its finaliser runs in."""
+
+    def __init__(self, record: Path) -> None:
+        self.record, self.me = record, self
+
+    def __del__(self) -> None:
+        with open(self.record, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_a_forked_decoder_never_finalises_the_parents_garbage(files, tmp_path, monkeypatch):
+    """onnxruntime's session destructor, run in a forked decoder, waited forever for a thread
+    pool the child does not have (a hung full test suite). Breaking it: without the freeze
+    around the fork, the cycle is finalised in the worker: checked, it fails."""
+    import gc
+
+    record = tmp_path / "finalised.txt"
+    real = data.load_image
+
+    def load_image(path, *args, **kwargs):
+        gc.collect()  # what the child's collector may do at any allocation
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "load_image", load_image)
+    gc.disable()  # the cycle must still be waiting for the collector when the pool forks
+    try:
+        _Finalised(record)
+    finally:
+        gc.enable()
+    done, failed, _ = _decode(files, workers=2)
+    assert len(done) == N and failed == []
+    gc.collect()  # the parent's own collection finalises it, here
+    assert record.read_text().split() == [str(os.getpid())]  # once, in this process
