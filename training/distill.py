@@ -54,7 +54,7 @@ class DistillConfig:
     """The recipe of a distillation run (the teacher's augmentations, crops of at least
     ``crop_min`` of the image, SGD with a cosine schedule)."""
 
-    epochs: int = 8
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 0.03
     momentum: float = 0.9
@@ -136,7 +136,7 @@ def compute_targets(
     pre = teacher.preprocess
     ds = RobustImageDataset(data, lambda img: pre.batch([img])[0], indexed=True)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=min(workers, len(ds)))
-    out = torch.empty(len(ds), teacher.dim)
+    out = torch.zeros(len(ds), teacher.dim)
     teacher = teacher.to(device).eval()
     for idx, x in loader:
         with autocast(device, precision):
