@@ -44,6 +44,11 @@ class RerankedIndex:
         self.base = base
         self.lookup = lookup
         self.k_factor = k_factor
+        faiss = faiss_module()
+        try:
+            self._ivf = faiss.extract_index_ivf(base)
+        except RuntimeError:  # not an IVF index: nothing to split per query
+            self._ivf = None
 
     @property
     def ntotal(self) -> int:
@@ -80,6 +85,13 @@ class RerankedIndex:
         depth = min(k * self.k_factor, self.ntotal)
         if nq == 0 or depth == 0:
             return scores, ids
+        if self._ivf is not None:
+            # Fewer queries than threads: each query's probed lists are scanned in parallel
+            # (FAISS's parallel_mode 1), so a single query uses every core; otherwise the
+            # queries are split between threads (mode 0). At 10M x 256-d, one query at nprobe
+            # 128 on 2 cores: p50 9.2 ms -> 6.6 ms (benchmarks/RESULTS.md, "scale").
+            few = nq < faiss_module().omp_get_max_threads()
+            self._ivf.parallel_mode = 1 if few else 0
         _, candidates = self.base.search(queries, depth)  # (nq, depth)
         found, vectors = self.lookup(candidates[candidates >= 0])
         if not len(found):

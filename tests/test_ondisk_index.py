@@ -279,3 +279,25 @@ def test_faiss_progress_prints_stay_off_stdout(tmp_path, capfd):
     ctypes.CDLL(None).fflush(None)
     out, err = capfd.readouterr()
     assert out == "" and "resizing" in err
+
+
+def test_a_single_query_scans_its_lists_on_every_thread(indexed):
+    """One query splits its probed lists between threads (parallel_mode 1), a batch splits
+    the queries (mode 0); both return the same results. Breaking it: without the switch, the
+    mode stays 0 for a single query: checked, it fails."""
+    import faiss
+
+    _, ff, _, vectors = indexed
+    index = ff.get()
+    ivf = faiss.extract_index_ivf(index.base)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        one = [index.search(q[None], 10) for q in vectors[:8]]
+        assert ivf.parallel_mode == 1
+        scores, ids = index.search(vectors[:8], 10)
+        assert ivf.parallel_mode == 0
+    finally:
+        faiss.omp_set_num_threads(before)
+    np.testing.assert_array_equal(np.concatenate([i for _, i in one]), ids)
+    np.testing.assert_allclose(np.concatenate([s for s, _ in one]), scores, rtol=1e-6)
