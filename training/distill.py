@@ -164,8 +164,9 @@ def distill(
     precision: str = "auto",
     workers: int | None = None,
 ) -> MoCoEncoder:
-    """Fine-tunes a copy of ``teacher`` on the images under ``data`` (see the module's text);
-    returns the student (float32, eval mode) after writing it to ``out_dir/encoder``.
+    """Fine-tunes a copy of ``teacher`` on the images under ``data`` (see the module's text)
+    and returns the student (float32, eval mode); :func:`training.export.write_encoder` saves
+    it (the CLI writes ``out_dir/encoder``, or ``--save-to``).
 
     Args:
         teacher: an encoder, or a source of :meth:`MoCoEncoder.from_pretrained` (a name, a
@@ -271,12 +272,12 @@ def distill(
                 opt.step()
                 losses.append(loss.detach())
             epoch += 1
-            loss_sum = float(torch.stack(losses).mean())
-            record = {"epoch": epoch, "loss": loss_sum, "seconds": time.perf_counter() - start}
+            mean_loss = float(torch.stack(losses).mean())
+            record = {"epoch": epoch, "loss": mean_loss, "seconds": time.perf_counter() - start}
             log.write(json.dumps(record) + "\n")
             log.flush()
             logger.info(
-                "epoch %d/%d: loss %.4f (%.0f s)", epoch, cfg.epochs, loss_sum, record["seconds"]
+                "epoch %d/%d: loss %.4f (%.0f s)", epoch, cfg.epochs, mean_loss, record["seconds"]
             )
             ckpt_io.save_atomic(
                 {
