@@ -89,7 +89,8 @@ class RerankedIndex:
             # Fewer queries than threads: each query's probed lists are scanned in parallel
             # (FAISS's parallel_mode 1), so a single query uses every core; otherwise the
             # queries are split between threads (mode 0). At 10M x 256-d, one query at nprobe
-            # 128 on 2 cores: p50 9.2 ms -> 6.6 ms (benchmarks/RESULTS.md, "scale").
+            # 128 on 2 cores: p50 9.2 ms -> 6.6 ms (benchmarks/RESULTS.md, "scale"). Both
+            # modes return the same results, so concurrent searches racing on it are harmless.
             few = nq < faiss_module().omp_get_max_threads()
             self._ivf.parallel_mode = 1 if few else 0
         _, candidates = self.base.search(queries, depth)  # (nq, depth)
