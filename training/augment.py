@@ -124,7 +124,8 @@ def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 1, H, W) ITU-R 601 luma, as PIL's ``convert("L")``."""
     r, g, b = x.unbind(1)
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)  # (N, 1, H, W)
 
@@ -184,7 +185,7 @@ class BatchAugment:
         if cfg.jitter_p > 0:
             x = self._where(cfg.jitter_p, self.color_jitter(x), x)
         if cfg.grayscale_p > 0:
-            x = self._where(cfg.grayscale_p, _gray(x).expand(-1, 3, -1, -1), x)
+            x = self._where(cfg.grayscale_p, luma(x).expand(-1, 3, -1, -1), x)
         if cfg.blur_p[view] > 0:
             x = self.blur(x, cfg.blur_p[view])
         if cfg.solarize_p[view] > 0:
@@ -229,12 +230,12 @@ class BatchAugment:
             if op == 0 and b > 0:
                 x = (x * factor(b)).clamp(0, 1)
             elif op == 1 and c > 0:
-                m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+                m = luma(x).mean(dim=(1, 2, 3), keepdim=True)
                 f = factor(c)
                 x = (f * x + (1 - f) * m).clamp(0, 1)
             elif op == 2 and s > 0:
                 f = factor(s)
-                x = (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+                x = (f * x + (1 - f) * luma(x)).clamp(0, 1)
             elif op == 3 and hue > 0:
                 hsv = rgb_to_hsv(x)
                 shift = _uniform(n, -hue, hue, dev)[:, None, None]

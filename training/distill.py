@@ -36,7 +36,7 @@ from mocoretrieval.encoder import MoCoEncoder
 from mocoretrieval.errors import CheckpointError, MoCoRetrievalError
 
 from . import checkpoint as ckpt_io
-from .augment import pil_view_transform
+from .augment import luma, pil_view_transform
 from .config import ConfigError, PretrainConfig, preset
 from .data import RobustImageDataset
 from .export import write_encoder
@@ -80,8 +80,7 @@ def view(x: torch.Tensor, name: str, mean: Sequence[float], std: Sequence[float]
         m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         rgb = x * s + m
-        luma = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
-        x = (luma.expand_as(rgb) - m) / s
+        x = (luma(rgb).expand_as(rgb) - m) / s
     if name.endswith("flip"):
         x = torch.flip(x, dims=[3])
     return x.contiguous(memory_format=torch.channels_last)
