@@ -61,7 +61,8 @@ def auto_factory(n: int, dim: int) -> str:
 
     Past :func:`mocoretrieval.ondisk_plan.wants_ondisk` (millions of vectors, or an in-RAM index
     over its RAM budget) the lists go to disk and the re-ranking reads the stored vectors:
-    ``ondisk:IVF{K},PQ{m}x8`` (:mod:`mocoretrieval.ondisk`).
+    ``ondisk:OPQ{m},IVF{K},PQ{m}x8`` up to 512-d, without the rotation above
+    (:func:`mocoretrieval.ondisk_plan.factory_for`).
     """
     from . import ondisk_plan
 

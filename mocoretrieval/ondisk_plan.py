@@ -16,6 +16,8 @@ PREFIX = "ondisk"
 MIN_VECTORS = 5_000_000
 # ... or sooner, when the in-RAM index would take more than this (1M x 2048-d: 8.5 GB, kept).
 RAM_BUDGET = 16 << 30
+# Up to this dimension the on-disk codes are OPQ-rotated (see factory_for).
+OPQ_MAX_DIM = 512
 
 
 def is_ondisk(factory: str) -> bool:
@@ -27,23 +29,31 @@ def factory_for(n: int, dim: int) -> str:
     """The on-disk factory for ``n`` vectors of ``dim`` dimensions, prefix included.
 
     K = 2 * sqrt(n) lists (FAISS guideline 4-16 * sqrt(n), halved: each list is a contiguous
-    read from disk, and fewer lists train and assign faster); 8-bit PQ with one byte per 4
-    dimensions, at most 64 (a 32-d sub-vector per byte at 2048-d): the codes only pick
-    candidates, the stored vectors rank them (measured at 1M x 256-d, ``benchmarks/scale.py``:
-    recall@10 0.954 with 4 candidates per result; fewer bytes were not measured with this
-    quantizer). No RFlat: its float32 copy is the RAM wall.
+    read from disk, and fewer lists train and assign faster), holding 8-bit PQ codes. The codes
+    only pick candidates, the stored vectors rank them; scanning the codes is most of a query's
+    time, so fewer bytes are faster as long as the candidates stay good. Measured at 10M x
+    256-d (``benchmarks/scale.py``; RESULTS.md, "scale: code size and rotation"), one query on
+    2 cores at nprobe 128: 64-byte PQ 5.99 ms at recall@10 0.918 (8 candidates per result),
+    32-byte PQ 4.95 ms at 0.901 (32 candidates), an OPQ rotation + 32-byte PQ 3.97 ms at 0.919
+    (4 candidates). So up to :data:`OPQ_MAX_DIM` dimensions: OPQ and one byte per 8 dimensions
+    (at most 32). Above it, OPQ's training grows as d^2-d^3 (~40 min on 2 cores at 2048-d,
+    estimated from 2 of its 50 iterations, timed), so: plain PQ, one byte per 4 dimensions (at most
+    64). No RFlat: its float32 copy is the RAM wall.
     """
     lists = max(1, round(2 * math.sqrt(n)))
-    m = min(64, max(1, dim // 4))
+    rotate = dim <= OPQ_MAX_DIM
+    m = min(32, max(1, dim // 8)) if rotate else min(64, dim // 4)
     while dim % m:
         m -= 1
     # The coarse quantizer is a flat scan of the centroids. An HNSW graph over them
     # ("IVF2000_HNSW32", FAISS wiki) assigns faster, but at its default efSearch it returned
     # only ~460 of 2,000 requested lists and capped recall@10 at 0.905 at 1M vectors whatever
     # nprobe or the re-ranking depth (benchmarks/scale.py); force it with ondisk:FACTORY.
-    # k-means needs as many points as centroids: a forced small collection gets fewer bits.
+    # k-means needs as many points as centroids: a forced small collection gets fewer bits,
+    # and no rotation (OPQ trains 8-bit codebooks of its own).
     bits = max(1, min(8, int(math.log2(max(n, 2))) - 2))
-    return f"{PREFIX}:IVF{lists},PQ{m}x{bits}"
+    rotation = f"OPQ{m}," if rotate and bits == 8 else ""
+    return f"{PREFIX}:{rotation}IVF{lists},PQ{m}x{bits}"
 
 
 def in_ram_bytes(n: int, dim: int) -> int:

@@ -197,6 +197,41 @@ def test_adding_and_removing_files_refills_the_lists_with_the_same_training(inde
     assert (found[300:, 0] == new_ids).mean() >= 0.98
 
 
+def test_the_default_recipe_rotates_and_refills_through_the_rotation(tmp_path):
+    """``ondisk`` at 2,000 x 64-d builds the default recipe, an OPQ rotation before the IVF-PQ
+    (an IndexPreTransform around the lists): its tuned recall reaches the target, new queries
+    find their exact neighbours, and a refill after adding and removing files keeps the
+    rotation and holds exactly the store's vectors. Catches a refill that empties only the
+    inner IVF of the wrapper (mutation run: ``emptied`` without ``index.ntotal = 0``: FAISS's
+    merge refuses the template, "works only on empty index")."""
+    vectors = _clustered(N)
+    (tmp_path / "idx").mkdir()
+    store = Store(tmp_path / "idx" / "index.db", DIM)
+    _add(store, vectors, 0)
+    manifest = {"index_type": "ondisk"}
+    ff = _faiss_file(tmp_path / "idx", store, manifest)
+    ff.refresh(save=True, load=True)
+    assert manifest["faiss"]["factory"] == ondisk_plan.factory_for(N, DIM)
+    assert manifest["faiss"]["factory"].startswith("ondisk:OPQ8,IVF89,PQ8x8")
+    assert manifest["faiss"]["recall_at_10"] >= ann.TARGET_RECALL
+    noise = 0.1 * np.random.default_rng(5).standard_normal((100, DIM)).astype(np.float32)
+    queries = vectors[::20] + noise
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert _recall(ff.get(), vectors, np.arange(1, N + 1), queries) >= 0.9
+
+    store.remove([f"{i}.jpg" for i in range(300)])
+    fresh = _clustered(500, seed=9)[:300]
+    _add_some(store, fresh)
+    ff.refresh(save=True, load=True)
+    index = ff.get()
+    assert index.ntotal == store.count() == N
+    assert manifest["faiss"]["trained_on"] == N  # the rotation and codebooks were kept
+    _, found = index.search(fresh, 10)
+    new_ids = store.vectors_of(np.arange(N + 1, N + 301))[0]
+    assert (found[:, 0] == new_ids).mean() >= 0.98
+    store.close()
+
+
 def _add_some(store: Store, vectors: np.ndarray) -> None:
     names = [f"new{i}.jpg" for i in range(len(vectors))]
     store.add_batch(names, vectors, [FileStat(1, 1)] * len(names))
@@ -210,10 +245,10 @@ def test_auto_picks_the_ondisk_type_past_the_threshold(monkeypatch, tmp_path):
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     monkeypatch.setattr(ondisk_plan, "MIN_VECTORS", 1500)
     assert not ann.auto_factory(1499, DIM).startswith("ondisk")
-    assert ann.auto_factory(1500, 256) == "ondisk:IVF77,PQ64x8"
+    assert ann.auto_factory(1500, 256) == "ondisk:OPQ32,IVF77,PQ32x8"
     monkeypatch.setattr(ondisk_plan, "RAM_BUDGET", 1400 * DIM * 4)
     assert ann.auto_factory(1450, DIM).startswith("ondisk:")
-    assert ondisk_plan.factory_for(10_000_000, 2048) == "ondisk:IVF6325,PQ64x8"
+    assert ondisk_plan.factory_for(10_000_000, 2048) == "ondisk:IVF6325,PQ64x8"  # no OPQ
     monkeypatch.setattr(ondisk_plan, "factory_for", lambda n, dim: FORCED)  # fast to train here
     store = Store(tmp_path / "index.db", DIM)
     _add(store, _clustered(N), 0)
