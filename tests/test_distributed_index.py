@@ -269,3 +269,31 @@ def test_one_process_merges_shards_of_another_world_size(
     assert main([*args, *FLAGS, "--no-exclude"]) == 0
     assert sorted(embedded) == files[5:]
     _assert_same_index(out, reference, [image_folder / files[0]])
+
+
+def test_a_torch_model_on_a_gpu_rank_embeds_under_bf16_autocast(monkeypatch):
+    """A rank's torch model on a GPU runs under bf16 autocast, on a CPU (or through ONNX) in
+    float32; each rank takes the GPU of its local index, wrapping around the GPUs it sees.
+    Checked without a GPU: the context a rank would enter, and the device it would pick (the
+    GPU count patched). Catches the GPU branch deleted (mutation run: ``_bf16`` returning
+    ``nullcontext()`` always: fails)."""
+    import contextlib
+    import warnings
+
+    import torch
+
+    from mocoretrieval.ranks import Ranks
+    from mocoretrieval.sharded_embedding import _bf16, rank_device
+
+    model = torch.nn.Linear(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast"
+        gpu = _bf16(model, torch.device("cuda", 1))
+    assert isinstance(gpu, torch.autocast)
+    assert gpu.device == "cuda" and gpu.fast_dtype == torch.bfloat16
+    assert isinstance(_bf16(model, torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(_bf16(object(), torch.device("cuda", 0)), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device(None, Ranks(rank=3, world_size=4, local_rank=3)) == "cuda:1"
+    assert rank_device("cpu", Ranks(rank=3, world_size=4, local_rank=3)) == "cpu"
