@@ -184,12 +184,7 @@ def test_adding_and_removing_files_refills_the_lists_with_the_same_training(inde
     resetting ``ntotal``) or one that drops the update."""
     store, ff, manifest, vectors = indexed
     trained_on = manifest["faiss"]["trained_on"]
-    store.remove([f"{i}.jpg" for i in range(300)])
-    fresh = _clustered(500, seed=9)[:300]
-    _add_some(store, fresh)
-    ff.refresh(save=True, load=True)
-    index = ff.get()
-    assert index.ntotal == store.count() == N
+    index, fresh = _swap_300(store, ff)
     assert manifest["faiss"]["trained_on"] == trained_on
     _, found = index.search(np.concatenate([vectors[:300], fresh]), 10)
     assert not set(found.ravel().tolist()) & set(range(1, 301))
@@ -219,17 +214,24 @@ def test_the_default_recipe_rotates_and_refills_through_the_rotation(tmp_path):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     assert _recall(ff.get(), vectors, np.arange(1, N + 1), queries) >= 0.9
 
+    index, fresh = _swap_300(store, ff)
+    assert manifest["faiss"]["trained_on"] == N  # the rotation and codebooks were kept
+    _, found = index.search(fresh, 10)
+    new_ids = store.vectors_of(np.arange(N + 1, N + 301))[0]
+    assert (found[:, 0] == new_ids).mean() >= 0.98
+    store.close()
+
+
+def _swap_300(store: Store, ff: FaissFile):
+    """Removes the first 300 files, adds 300 new vectors, refreshes the index: (index, new
+    vectors), after checking that it holds exactly the store's vectors."""
     store.remove([f"{i}.jpg" for i in range(300)])
     fresh = _clustered(500, seed=9)[:300]
     _add_some(store, fresh)
     ff.refresh(save=True, load=True)
     index = ff.get()
     assert index.ntotal == store.count() == N
-    assert manifest["faiss"]["trained_on"] == N  # the rotation and codebooks were kept
-    _, found = index.search(fresh, 10)
-    new_ids = store.vectors_of(np.arange(N + 1, N + 301))[0]
-    assert (found[:, 0] == new_ids).mean() >= 0.98
-    store.close()
+    return index, fresh
 
 
 def _add_some(store: Store, vectors: np.ndarray) -> None:
