@@ -37,8 +37,8 @@ def factory_for(n: int, dim: int) -> str:
     32-byte PQ 4.95 ms at 0.901 (32 candidates), an OPQ rotation + 32-byte PQ 3.97 ms at 0.919
     (4 candidates). So up to :data:`OPQ_MAX_DIM` dimensions: OPQ and one byte per 8 dimensions
     (at most 32). Above it, OPQ's training grows as d^2-d^3 (~40 min on 2 cores at 2048-d,
-    estimated from 2 of its 50 iterations, timed), so: plain PQ, one byte per 4 dimensions (at most
-    64). No RFlat: its float32 copy is the RAM wall.
+    estimated from 2 of its 50 iterations, timed), so: plain PQ, one byte per 4 dimensions (at
+    most 64). No RFlat: its float32 copy is the RAM wall.
     """
     lists = max(1, round(2 * math.sqrt(n)))
     rotate = dim <= OPQ_MAX_DIM
