@@ -44,11 +44,8 @@ class RerankedIndex:
         self.base = base
         self.lookup = lookup
         self.k_factor = k_factor
-        faiss = faiss_module()
-        try:
-            self._ivf = faiss.extract_index_ivf(base)
-        except RuntimeError:  # not an IVF index: nothing to split per query
-            self._ivf = None
+        # None when not an IVF index: nothing to split per query.
+        self._ivf = faiss_module().try_extract_index_ivf(base)
 
     @property
     def ntotal(self) -> int:
