@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +77,12 @@ def test_momentum_update_is_the_ema():
         assert torch.allclose(pm, 0.9 * o + 0.1 * pb, atol=1e-6)
 
 
-def test_split_bn_normalises_each_sub_batch_on_its_own():
+@pytest.mark.parametrize("path", ["forward_per_group", "forward_all_groups"])
+def test_split_bn_normalises_each_sub_batch_on_its_own(path):
+    # Both ways of computing it (one BatchNorm per group on a CPU, all groups at once on a
+    # GPU) must equal one nn.BatchNorm2d per contiguous slice: outputs, gradients, and running
+    # statistics that are the mean of the slices' own.
+    torch.manual_seed(0)
     bn = nn.BatchNorm2d(3)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
@@ -85,12 +91,22 @@ def test_split_bn_normalises_each_sub_batch_on_its_own():
         r.load_state_dict(bn.state_dict())
     use_split_bn(bn, 2)
     assert isinstance(bn, SplitBatchNorm2d)
-    x = torch.randn(8, 3, 4, 4)
-    y = bn(x)
-    for g in range(2):  # group g is the g-th half of the batch
-        assert torch.allclose(y[4 * g : 4 * g + 4], ref[g](x[4 * g : 4 * g + 4]), atol=1e-5)
-    mean_of_groups = (ref[0].running_mean + ref[1].running_mean) / 2
-    assert torch.allclose(bn.running_mean, mean_of_groups, atol=1e-6)
+    x = (torch.randn(8, 3, 4, 4) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = getattr(bn, path)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    xr = x.detach().clone().requires_grad_()
+    yr = torch.cat([ref[g](xr[4 * g : 4 * g + 4]) for g in range(2)])  # group g: g-th half
+    assert torch.allclose(y, yr, atol=1e-5)
+    w = torch.randn_like(yr)
+    (y * w).sum().backward()
+    (yr * w).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
+    assert torch.allclose(bn.weight.grad, ref[0].weight.grad + ref[1].weight.grad, atol=1e-4)
+    assert torch.allclose(bn.bias.grad, ref[0].bias.grad + ref[1].bias.grad, atol=1e-4)
+    for name in ("running_mean", "running_var"):
+        mean_of_groups = (getattr(ref[0], name) + getattr(ref[1], name)) / 2
+        assert torch.allclose(getattr(bn, name), mean_of_groups, atol=1e-6), name
     bn.eval()
     assert torch.allclose(
         bn(x),
@@ -99,6 +115,17 @@ def test_split_bn_normalises_each_sub_batch_on_its_own():
         ),
         atol=1e-6,
     )
+
+
+def test_split_bn_takes_the_all_groups_path_off_the_cpu(monkeypatch):
+    bn = nn.BatchNorm2d(3)
+    use_split_bn(bn, 2)
+    taken = []
+    monkeypatch.setattr(SplitBatchNorm2d, "forward_all_groups", lambda self, x: taken.append(1))
+    bn(torch.randn(4, 3, 2, 2))
+    assert not taken  # a CPU tensor: one BatchNorm per group
+    bn(torch.randn(4, 3, 2, 2, device="meta"))
+    assert taken == [1]
 
 
 def test_shuffled_keys_are_returned_in_input_order():
