@@ -26,10 +26,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     One process then normalises like ``num_splits`` GPUs would, each over its own share of the
     batch; this is what makes shuffle-BN meaningful on one device (MoCo CIFAR demo). Sub-batch
     ``g`` is the ``g``-th contiguous slice of the batch, as the ``g``-th GPU's share would be.
-    Both ways of computing it keep the input's memory layout (channels_last stays
-    channels_last, where the demo's reshape to (N/G, G*C, H, W) copies to NCHW and back around
-    every BN). Parameters and buffers are those of ``nn.BatchNorm2d``, so state dicts are
-    interchangeable; evaluation uses running statistics.
+    On a CPU each slice goes through its own ``F.batch_norm``; elsewhere the slices are laid side
+    by side as channels, (N/G, G*C, H, W) as in the demo, but built in channels_last (the demo's
+    reshape copies to NCHW and back), so one fused BatchNorm normalises every group. The output
+    keeps the input's memory layout. Parameters and buffers are those of ``nn.BatchNorm2d``, so
+    state dicts are interchangeable; evaluation uses running statistics.
     """
 
     num_splits: int = 1
@@ -44,15 +45,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             )
         # Measured (RESULTS.md, "train_gpu"): on 2 CPU cores one BatchNorm per group is
         # fastest (0.30 s per fmnist-cpu v2 step against 0.38 s all groups at once); on an
-        # H200 at batch 512 a v2 step took 55 ms with one BatchNorm per group (~12 small
-        # kernels each) and 54 ms with the groups' statistics computed in float32 elementwise,
+        # H200 at batch 512 a v2 step took 55 ms with one BatchNorm per group and 54 ms with
+        # the groups' statistics computed in float32 elementwise (instead of this fusion),
         # against 28 ms with no groups at all: there all groups go through one fused kernel.
         if x.device.type == "cpu":
             return self.forward_per_group(x)
         return self.forward_all_groups(x)
 
     def forward_per_group(self, x: torch.Tensor) -> torch.Tensor:
-        """One ``F.batch_norm`` per group: ~12 kernels per group, each fused."""
+        """One ``F.batch_norm`` per group (and two buffer copies each): few, large kernels on a
+        CPU, a launch-bound crowd of small ones on a GPU."""
         momentum = 0.1 if self.momentum is None else self.momentum
         outs, means, variances = [], [], []
         for part in x.split(x.shape[0] // self.num_splits):
