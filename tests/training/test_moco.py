@@ -81,7 +81,9 @@ def test_momentum_update_is_the_ema():
 def test_split_bn_normalises_each_sub_batch_on_its_own(path):
     # Both ways of computing it (one BatchNorm per group on a CPU, all groups at once on a
     # GPU) must equal one nn.BatchNorm2d per contiguous slice: outputs, gradients, and running
-    # statistics that are the mean of the slices' own.
+    # statistics that are the mean of the slices' own. Mutations that fail it (checked): the
+    # fused path's groups interleaved (x.view(n // g, g, ...) without the transpose), its
+    # running variance taken from the first group alone.
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(3)
     with torch.no_grad():
