@@ -172,6 +172,95 @@ SOURCES: tuple[Source, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Extra:
+    """A package of pictures for training only, taken whole: every image of at least
+    ``min_side`` pixels in ``folders`` of ``root`` is one picture, never held out (the
+    evaluation sets are drawn from :data:`SOURCES` alone), byte-identical files once.
+
+    Attributes:
+        folders: sub-folders of ``root``; one holding an ``info.ini`` per sub-folder (a sky
+            culture) keeps only the sub-folders whose ``license =`` line is free (no NC, no ND).
+    """
+
+    package: str
+    root: str
+    folders: tuple[str, ...]
+    licence: str
+    licence_file: str
+    install: str
+    min_side: int = 128
+
+
+# Graphics and photographs on dark backgrounds: the 37 training photographs are landscapes and
+# close-ups, and the artwork the held-out copies are searched among (desktop renders, dark
+# graphics) had nothing like it to be told apart by (RESULTS.md, "default encoder probes").
+EXTRAS: tuple[Extra, ...] = (
+    Extra(
+        "stellarium-data",
+        "/usr/share/stellarium",
+        # nebulae/default: deep-sky photographs (credits: the copyright file's section 4);
+        # skycultures/NAME/: constellation drawings, each culture's licence in its info.ini
+        ("nebulae/default", "skycultures"),
+        "GPL-2+",
+        *_deb("stellarium-data"),
+    ),
+)
+
+_NOT_FREE = re.compile(r"\b(NC|ND)\b")
+
+
+def free_licence(text: str) -> bool:
+    """Whether a licence line allows commercial use and adaptation (no NC, no ND; not blank)."""
+    return bool(text.strip()) and not _NOT_FREE.search(text)
+
+
+def _culture_licence(folder: Path) -> str:
+    try:
+        lines = (folder / "info.ini").read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip().lower() == "license":
+            return value.strip()
+    return ""
+
+
+def extra_files(extra: Extra) -> list[tuple[str, str]]:
+    """``(relative path, licence)`` of the pictures of ``extra`` found under its root, in
+    folder order then path order; empty when the package is not installed."""
+    root = Path(extra.root)
+    if not root.is_dir():
+        return []
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for folder in extra.folders:
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for rel in walk_images(base):
+            licence = extra.licence
+            first = Path(rel).parts[0]
+            if (base / first / "info.ini").is_file():  # a sky culture: its own licence
+                licence = _culture_licence(base / first)
+                if not free_licence(licence):
+                    continue
+            path = base / rel
+            try:
+                with Image.open(path) as img:
+                    if min(img.size) < extra.min_side:
+                        continue
+            except (OSError, Image.DecompressionBombError) as e:
+                logger.warning("skipping %s: %s", path, e)
+                continue
+            digest = _sha256(path)
+            if digest not in seen:
+                seen.add(digest)
+                found.append((f"{folder}/{rel}", licence))
+    return found
+
+
 # --- finding the pictures -------------------------------------------------------------------
 
 

@@ -37,7 +37,17 @@ from PIL import Image
 from mocoretrieval.data import load_image
 from mocoretrieval.errors import DatasetError, ImageError, MoCoRetrievalError
 
-from .photo_sources import SOURCES, Picture, Source, check_distinct, find_pictures, install_line
+from .photo_sources import (
+    EXTRAS,
+    SOURCES,
+    Extra,
+    Picture,
+    Source,
+    check_distinct,
+    extra_files,
+    find_pictures,
+    install_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +310,54 @@ def prepare(
     )
 
 
+def write_extras(
+    out: str | Path, extras: Sequence[Extra] = EXTRAS, force: bool = False
+) -> dict[str, int]:
+    """Copies the training-only pictures of ``extras`` (:data:`EXTRAS`) into
+    ``out/PACKAGE/PATH``, bytes as shipped, with a manifest.json and LICENSES.md; built beside
+    ``out`` and moved into place when complete. Returns the pictures written per package.
+
+    Raises:
+        DatasetError: none of the packages is installed, or ``out`` is in the way.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another OUT")
+    found = {e.package: (e, extra_files(e)) for e in extras}
+    if not any(files for _, files in found.values()):
+        raise DatasetError(f"no extra picture package is installed; run: {install_line(extras)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        records = []
+        for package, (extra, files) in found.items():
+            for rel, licence in files:
+                dst = tmp / package / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(extra.root) / rel, dst)
+                records.append({"package": package, "file": f"{package}/{rel}", "licence": licence})
+        manifest = {"format_version": FORMAT_VERSION, "extras": records}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), "utf-8")
+        lines = [
+            "# Licences of the training-only pictures",
+            "",
+            "Made by `python -m training.photos extras`; never held out, never evaluated on.",
+            "",
+            "| package | licence file | install |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {e.package} | {e.licence_file} | `{e.install}` |" for e, _ in found.values()]
+        lines += ["", "| picture | licence |", "| --- | --- |"]
+        lines += [f"| {r['file']} | {r['licence']} |" for r in records]
+        (tmp / "LICENSES.md").write_text("\n".join(lines) + "\n", "utf-8")
+        _replace(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {package: len(files) for package, (_, files) in found.items()}
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -356,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", type=Path, help="the folder to make")
     d.add_argument("--max-side", type=int, default=1024)
     d.add_argument("--force", action="store_true", help="replace a folder this made at OUT")
+    e = sub.add_parser(
+        "extras", help="copy the training-only pictures (EXTRAS: dark photographs and drawings)"
+    )
+    e.add_argument("out", type=Path, help="the folder to make")
+    e.add_argument("--force", action="store_true", help="replace a folder this made at OUT")
     return parser
 
 
@@ -388,6 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             photos = {str(f) for s in SOURCES for p in find_pictures(s) for f in p.files}
             t = write_distractors(args.out, photos, max_side=args.max_side, force=args.force)
             print(f"wrote {t.pictures} distractors to {t.out}")
+            return 0
+        if args.command == "extras":
+            counts = write_extras(args.out, EXTRAS, force=args.force)
+            for package, n in counts.items():
+                print(f"  {package:<30} {n:>5}" if n else f"  {package:<30} not installed")
+            print(f"wrote {sum(counts.values())} training-only pictures to {args.out}")
             return 0
         report = prepare(
             args.out,

@@ -21,7 +21,17 @@ from mocoretrieval.errors import DatasetError
 from mocoretrieval.eval_duplicates import read_groups
 from mocoretrieval.walk import walk_images
 from training import photos
-from training.photo_sources import SOURCES, Credit, Source, find_pictures, install_line
+from training.photo_sources import (
+    EXTRAS,
+    SOURCES,
+    Credit,
+    Extra,
+    Source,
+    extra_files,
+    find_pictures,
+    free_licence,
+    install_line,
+)
 from training.photos import SPLITS
 
 
@@ -206,3 +216,59 @@ def test_rerun_needs_force_and_rebuilds_the_same(tree, tmp_path, monkeypatch, ca
     assert "error:" in capsys.readouterr().err
     assert photos.main([*args, "--force"]) == 0
     assert "plasma-workspace-wallpapers" in capsys.readouterr().out
+
+
+@pytest.fixture
+def extra(tmp_path: Path) -> Extra:
+    """A stellarium-like tree: photographs in one folder, drawings in per-culture folders
+    whose info.ini carries each culture's licence."""
+    root = tmp_path / "stellarium"
+    _image(root / "nebulae" / "default" / "m42.png", (40, 30), seed=600)
+    _image(root / "nebulae" / "default" / "m1.jpg", (40, 30), seed=601)
+    _image(root / "nebulae" / "default" / "tiny.png", (16, 40), seed=602)  # short side < 20
+    cultures = {"open": "CC BY-SA 4.0", "closed": "CC BY-NC-ND 4.0", "blank": "", "nd": "CC BY-ND"}
+    for i, (name, licence) in enumerate(cultures.items()):
+        folder = root / "skycultures" / name
+        _image(folder / "illustrations" / "bear.png", (30, 30), seed=610 + i)
+        (folder / "info.ini").write_text(f"[info]\nname = {name}\nlicense = {licence}\n")
+    # byte-identical to the open culture's bear, and first in path order: the one kept
+    (root / "skycultures" / "open" / "copy.png").write_bytes(
+        (root / "skycultures" / "open" / "illustrations" / "bear.png").read_bytes()
+    )
+    real = next(e for e in EXTRAS if e.package == "stellarium-data")
+    return replace(real, root=str(root), min_side=20)
+
+
+def test_extras_keep_free_licences_large_enough_and_each_file_once(extra):
+    files = dict(extra_files(extra))
+    assert files == {
+        "nebulae/default/m1.jpg": extra.licence,
+        "nebulae/default/m42.png": extra.licence,
+        "skycultures/open/copy.png": "CC BY-SA 4.0",
+    }
+    assert free_licence("GNU GPL v2.0 + Free Art License")
+    assert not free_licence("CC BY-NC 4.0") and not free_licence("CC BY-ND 4.0")
+    assert not free_licence("  ")
+
+
+def test_write_extras_copies_bytes_with_licences(extra, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "extras"
+    counts = photos.write_extras(out, [extra])
+    assert counts == {"stellarium-data": 3}
+    copied = out / "stellarium-data" / "nebulae" / "default" / "m42.png"
+    src = Path(extra.root) / "nebulae" / "default" / "m42.png"
+    assert copied.read_bytes() == src.read_bytes()
+    assert len(walk_images(out)) == 3
+    records = json.loads((out / "manifest.json").read_text("utf-8"))["extras"]
+    assert {r["file"]: r["licence"] for r in records}[
+        "stellarium-data/skycultures/open/copy.png"
+    ] == "CC BY-SA 4.0"
+    assert "CC BY-SA 4.0" in (out / "LICENSES.md").read_text("utf-8")
+    with pytest.raises(DatasetError, match="--force"):
+        photos.write_extras(out, [extra])
+    absent = replace(extra, root=str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="apt-get install -y stellarium-data"):
+        photos.write_extras(tmp_path / "none", [absent])
+    monkeypatch.setattr(photos, "EXTRAS", (extra,))
+    assert photos.main(["extras", str(out), "--force"]) == 0
+    assert "wrote 3 training-only pictures" in capsys.readouterr().out
