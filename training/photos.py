@@ -419,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("out", type=Path, help="the folder to make")
     e.add_argument("--force", action="store_true", help="replace a folder this made at OUT")
+    f = sub.add_parser(
+        "flat-art", help="draw procedural flat-colour graphics (training only; tile-sized)"
+    )
+    f.add_argument("out", type=Path, help="the folder to make, e.g. TILES/flat-art")
+    f.add_argument("--n", type=int, default=1500, help="pictures to draw")
+    f.add_argument("--size", type=int, default=224, help="side in pixels")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--force", action="store_true", help="replace a folder this made at OUT")
     return parser
 
 
@@ -451,6 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             photos = {str(f) for s in SOURCES for p in find_pictures(s) for f in p.files}
             t = write_distractors(args.out, photos, max_side=args.max_side, force=args.force)
             print(f"wrote {t.pictures} distractors to {t.out}")
+            return 0
+        if args.command == "flat-art":
+            from .flat_art import write_flat_art
+
+            t = write_flat_art(args.out, args.n, args.seed, args.size, args.force)
+            print(f"wrote {t.pictures} flat-art pictures to {t.out}")
             return 0
         if args.command == "extras":
             counts = write_extras(args.out, EXTRAS, force=args.force)

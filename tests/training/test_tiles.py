@@ -119,3 +119,23 @@ def test_distractors_leave_out_the_photographs(tmp_path):
     sizes = sorted(Image.open(tmp_path / "out" / n).size for n in names)
     assert sizes == [(60, 80), (96, 54), (160, 120)]
     assert any("blank" in why for why in report.skipped)
+
+
+def test_flat_art_is_seeded_distinct_and_never_blank(tmp_path):
+    """Mutations that fail it: the number left out of the key (every picture the same), the
+    blank check removed (numbers 1, 6, 8 and 10 of seed 0 are then near-blank)."""
+    from training import photos
+    from training.flat_art import MIN_STD, flat_art
+
+    pictures = [np.asarray(flat_art(0, i, 32)) for i in range(12)]
+    assert all(p.shape == (32, 32, 3) for p in pictures)
+    assert len({p.tobytes() for p in pictures}) == 12  # each number its own picture
+    assert np.array_equal(np.asarray(flat_art(0, 3, 32)), pictures[3])  # a pure function
+    assert not np.array_equal(np.asarray(flat_art(1, 3, 32)), pictures[3])  # the seed matters
+    grey = [np.asarray(Image.fromarray(p).convert("L"), np.float64).std() for p in pictures]
+    assert min(grey) >= MIN_STD
+    out = tmp_path / "tiles" / "flat-art"
+    assert photos.main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "00001.png").convert("RGB")), pictures[1])
+    assert photos.main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 1  # no --force
