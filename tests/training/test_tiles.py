@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from mocoretrieval.errors import DatasetError
+from training.flat_art import MIN_STD, flat_art
 from training.photos import main as photos_main
 from training.tiles import MARKER, cut_tiles, tile_boxes, write_distractors
 
@@ -124,9 +125,6 @@ def test_distractors_leave_out_the_photographs(tmp_path):
 def test_flat_art_is_seeded_distinct_and_never_blank(tmp_path):
     """Mutations that fail it: the number left out of the key (every picture the same), the
     blank check removed (numbers 1, 6, 8 and 10 of seed 0 are then near-blank)."""
-    from training import photos
-    from training.flat_art import MIN_STD, flat_art
-
     pictures = [np.asarray(flat_art(0, i, 32)) for i in range(12)]
     assert all(p.shape == (32, 32, 3) for p in pictures)
     assert len({p.tobytes() for p in pictures}) == 12  # each number its own picture
@@ -135,7 +133,7 @@ def test_flat_art_is_seeded_distinct_and_never_blank(tmp_path):
     grey = [np.asarray(Image.fromarray(p).convert("L"), np.float64).std() for p in pictures]
     assert min(grey) >= MIN_STD
     out = tmp_path / "tiles" / "flat-art"
-    assert photos.main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 0
+    assert photos_main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     assert np.array_equal(np.asarray(Image.open(out / "00001.png").convert("RGB")), pictures[1])
-    assert photos.main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 1  # no --force
+    assert photos_main(["flat-art", str(out), "--n", "3", "--size", "32"]) == 1  # no --force
