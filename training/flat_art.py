@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageStat
 
 from mocoretrieval.errors import DatasetError
 
-from .tiles import TileReport, _building
+from .tiles import TileReport, building_folder
 
 SUPERSAMPLE = 2  # drawn at twice the size and reduced: anti-aliased edges, as renders have
 MIN_STD = 8.0  # grey-level standard deviation under which a picture is blank, and drawn again
@@ -146,7 +146,7 @@ def write_flat_art(
     def marker() -> str:
         return f"flat-art: n={n} seed={seed} size={size}\n"
 
-    with _building(out, force, marker) as tmp:
+    with building_folder(out, force, marker) as tmp:
         for i in range(n):
             flat_art(seed, i, size).save(tmp / f"{i:05d}.png")
     return TileReport(out, n, n, [])

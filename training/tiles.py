@@ -44,7 +44,7 @@ class TileReport:
 
 
 @contextlib.contextmanager
-def _building(out: Path, force: bool, marker: Callable[[], str]) -> Iterator[Path]:
+def building_folder(out: Path, force: bool, marker: Callable[[], str]) -> Iterator[Path]:
     """A temporary folder beside ``out`` that replaces it once the block completes (with
     ``marker()`` written last); an interrupted build leaves nothing. An existing ``out`` is
     replaced only with ``force``, and only if this module wrote it (it has :data:`MARKER`)."""
@@ -117,7 +117,7 @@ def cut_tiles(
             f"seed={seed}; {len(files) - len(skipped)} pictures, {tiles} tiles\n"
         )
 
-    with _building(out, force, marker) as tmp:
+    with building_folder(out, force, marker) as tmp:
         for rel in files:
             try:
                 img = load_image(src / rel)
@@ -174,7 +174,7 @@ def write_distractors(
     largest; blank pictures are left out. No two distractors are then near-duplicates, which
     the duplicates evaluation relies on."""
     out = Path(out)
-    if out.exists() and not force:  # before reading any picture; _building checks it again
+    if out.exists() and not force:  # before reading any picture; building_folder checks it again
         raise DatasetError(f"{out} exists; pass --force to rebuild it, or choose another folder")
     best: dict[str, tuple[int, Path]] = {}  # group -> (pixels, file)
     seen: set[str] = set()
@@ -218,7 +218,7 @@ def write_distractors(
     def marker() -> str:
         return f"distractors: {len(best) - len(skipped)} images of {roots}\n"
 
-    with _building(out, force, marker) as tmp:
+    with building_folder(out, force, marker) as tmp:
         for group in sorted(best):
             path = best[group][1]
             try:
