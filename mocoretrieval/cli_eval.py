@@ -128,6 +128,7 @@ def _cmd_duplicates(args: argparse.Namespace) -> int:
         groups=args.groups,
         n=args.n,
         seed=args.seed,
+        draws=args.draws,
         transforms=args.transforms,
         target_precision=args.precision,
         batch_size=args.batch_size,
@@ -244,5 +245,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "--plot", default="eval-duplicates.png", help="PNG to write (default eval-duplicates.png)"
     )
     _copies_options(d)
+    d.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="independent draws of the copies (seeds SEED to SEED+DRAWS-1), their pairs pooled "
+        "into one curve (default 1)",
+    )
     _common(d)
     d.set_defaults(func=_cmd_duplicates)

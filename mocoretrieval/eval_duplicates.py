@@ -18,7 +18,7 @@ from .embedder import Embedder
 from .errors import DatasetError
 from .eval_embed import embed_files, load_models
 from .eval_report import ModelRun, Report, choose_images, folder_images, progress_steps
-from .metrics import PrecisionRecall, duplicate_precision_recall
+from .metrics import PrecisionRecall, duplicate_precision_recall, pool_precision_recall
 from .sources import DEFAULT_MODEL
 
 
@@ -80,6 +80,7 @@ def eval_duplicates(
     groups: str | Path | None = None,
     n: int = 100,
     seed: int = 0,
+    draws: int = 1,
     transforms: str = "standard",
     target_precision: float = 0.95,
     backend: str = "auto",
@@ -94,9 +95,19 @@ def eval_duplicates(
 
     The groups are a ``--groups`` CSV (``path,group``; unlisted images have no duplicate) or,
     without one, the edited copies of ``n`` images (each original with its copies).
+
+    Args:
+        draws: independent draws of the copies (seeds ``seed`` to ``seed + draws - 1``), each
+            scored with the folder's images, their pairs pooled into one curve
+            (:func:`~mocoretrieval.metrics.pool_precision_recall`): one draw of a few dozen
+            pictures moves recall by several points.
     """
     if not 0 < target_precision <= 1:
         raise DatasetError(f"the target precision is a fraction in (0, 1], got {target_precision}")
+    if draws < 1:
+        raise DatasetError(f"--draws must be at least 1, got {draws}")
+    if groups is not None and draws > 1:
+        raise DatasetError("--draws repeats generated copies; a --groups CSV is one fixed set")
     files = folder_images(folder)
     encoders = load_models(
         models,
@@ -109,27 +120,39 @@ def eval_duplicates(
     )
     common = {"batch_size": batch_size, "workers": workers, "device": device}
     with tempfile.TemporaryDirectory(prefix="mocoretrieval-duplicates-") as tmp:
-        skipped: list[tuple[str, str]] = []
+        # (known group by path, the copies to embed, the folder they are in) per draw
+        sets: list[tuple[dict[str, str], list, str | Path]] = []
         if groups is not None:
-            known, copies = read_groups(groups, files), []
+            sets.append((read_groups(groups, files), [], tmp))
             source = str(groups)
         else:
-            order = choose_images(files, n, seed)
-            copies, _ = make_copies(folder, order, tmp, transforms, seed, limit=n)
-            known = {c.original: c.original for c in copies} | {c.path: c.original for c in copies}
-            copied = len({c.original for c in copies})
-            source = f"copies: {transforms}, n={copied}, seed={seed}"
-        step = progress_steps(progress, (len(files) + len(copies)) * len(encoders))
-        results = []
+            for s in range(seed, seed + draws):
+                out = Path(tmp) / f"seed-{s}"
+                order = choose_images(files, n, s)
+                copies, _ = make_copies(folder, order, out, transforms, s, limit=n)
+                known = {c.original: c.original for c in copies}
+                sets.append((known | {c.path: c.original for c in copies}, copies, out))
+            copied = len({c.original for c in sets[0][1]})
+            seeds = f"seed={seed}" if draws == 1 else f"seeds={seed}-{seed + draws - 1}"
+            source = f"copies: {transforms}, n={copied}, {seeds}"
+        total = len(files) + sum(len(copies) for _, copies, _ in sets)
+        step = progress_steps(progress, total * len(encoders))
+        results: list[DuplicatesResult] = []
+        skipped: list[tuple[str, str]] = []
         for name, encoder in encoders:
             start = time.perf_counter()
             found = embed_files(encoder, folder, files, progress=step, **common)
-            extra = embed_files(
-                encoder, tmp, [c.path for c in copies], reuse=False, progress=step, **common
-            )
-            paths = found.paths + extra.paths
-            vectors = np.concatenate([found.vectors, extra.vectors])
-            curve = duplicate_precision_recall(vectors, [known.get(p, p) for p in paths])
+            curves, missed, images = [], list(found.skipped), len(found.paths)
+            for known, copies, where in sets:
+                extra = embed_files(
+                    encoder, where, [c.path for c in copies], reuse=False, progress=step, **common
+                )
+                paths = found.paths + extra.paths
+                vectors = np.concatenate([found.vectors, extra.vectors])
+                curves.append(duplicate_precision_recall(vectors, [known.get(p, p) for p in paths]))
+                missed += extra.skipped
+                images += len(extra.paths)
+            curve = curves[0] if len(curves) == 1 else pool_precision_recall(curves)
             if curve.positives == 0:
                 raise DatasetError("no two images share a group: nothing to find")
             best = curve.threshold_for(target_precision)
@@ -140,19 +163,15 @@ def eval_duplicates(
                     best,
                     curve.at(best) if best is not None else None,
                     curve.at(DEFAULT_DUPLICATE_THRESHOLD),
-                    ModelRun(
-                        len(found.skipped) + len(extra.skipped),
-                        found.reused,
-                        time.perf_counter() - start,
-                    ),
+                    ModelRun(len(missed), found.reused, time.perf_counter() - start),
                 )
             )
             if len(results) == 1:
-                skipped += found.skipped + extra.skipped
+                skipped = missed
     return DuplicatesReport(
         str(folder),
         source,
-        len(paths),  # of the last model: every model reads the same files
+        images,  # of the last model: every model reads the same files
         results[0].curve.positives,
         target_precision,
         DEFAULT_DUPLICATE_THRESHOLD,

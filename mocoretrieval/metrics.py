@@ -191,12 +191,16 @@ class PrecisionRecall:
         precision: right pairs / found pairs at each threshold.
         recall: right pairs found / right pairs, at each threshold.
         positives: number of right pairs.
+        found: pairs found at each threshold (precision's denominator).
+        right: right pairs found at each threshold (the numerator of both).
     """
 
     thresholds: np.ndarray
     precision: np.ndarray
     recall: np.ndarray
     positives: int
+    found: np.ndarray
+    right: np.ndarray
 
     def at(self, threshold: float) -> tuple[float, float]:
         """``(precision, recall)`` of ``duplicates(threshold)``."""
@@ -253,7 +257,7 @@ def duplicate_precision_recall(vectors: np.ndarray, groups: Sequence[int]) -> Pr
         return i
 
     found = right = 0
-    thresholds, precision, recall = [], [], []
+    thresholds, precision, recall, counts = [], [], [], []
     for a, b, sim in sorted(maximum_spanning_tree(vectors), key=lambda e: -e[2]):
         ra, rb = find(a), find(b)
         small, large = sorted((ra, rb), key=lambda r: len(members[r]))
@@ -262,8 +266,37 @@ def duplicate_precision_recall(vectors: np.ndarray, groups: Sequence[int]) -> Pr
         members[large].update(members[small])
         parent[small] = large
         if thresholds and thresholds[-1] - sim <= TIE:  # one threshold merges its pairs at once
-            thresholds.pop(), precision.pop(), recall.pop()
+            thresholds.pop(), precision.pop(), recall.pop(), counts.pop()
         thresholds.append(sim)
         precision.append(right / found)
         recall.append(right / positives if positives else float("nan"))
-    return PrecisionRecall(np.array(thresholds), np.array(precision), np.array(recall), positives)
+        counts.append((found, right))
+    found_at, right_at = np.array(counts, np.int64).reshape(-1, 2).T
+    return PrecisionRecall(
+        np.array(thresholds), np.array(precision), np.array(recall), positives, found_at, right_at
+    )
+
+
+def pool_precision_recall(curves: Sequence[PrecisionRecall]) -> PrecisionRecall:
+    """The curve of several independent sets scored as one: at each threshold where any of
+    them merges groups, the pairs found and the right ones summed over the sets (so a set
+    with more pairs weighs more, as in one larger measurement), never averaged ratios."""
+    if not curves:
+        raise ValueError("no curves to pool")
+    thresholds = np.unique(np.concatenate([c.thresholds for c in curves]))[::-1]
+    found = np.zeros(len(thresholds), np.int64)
+    right = np.zeros(len(thresholds), np.int64)
+    for c in curves:
+        i = np.searchsorted(-c.thresholds, -thresholds, side="right") - 1  # as PrecisionRecall.at
+        seen = i >= 0
+        found[seen] += c.found[i[seen]]
+        right[seen] += c.right[i[seen]]
+    positives = sum(c.positives for c in curves)
+    return PrecisionRecall(
+        thresholds,
+        right / np.maximum(found, 1),
+        right / positives if positives else np.full(len(thresholds), np.nan),
+        positives,
+        found,
+        right,
+    )

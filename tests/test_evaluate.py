@@ -188,6 +188,30 @@ def test_duplicates_perfect_and_constant(photos, oracle):
     assert const.recommended is None
 
 
+def test_duplicates_pools_draws_of_copies(photos, oracle, tmp_path, capsys, monkeypatch):
+    """Two draws (seeds 1 and 2) are two sets of copies, each scored with the folder's images
+    and pooled: twice the known pairs, still all found by a perfect encoder; a constant
+    encoder's pooled precision is the pairs of both draws over all they found."""
+    seeds, make = [], eval_duplicates_module.make_copies
+    monkeypatch.setattr(
+        eval_duplicates_module, "make_copies", lambda *a, **k: seeds.append(a[4]) or make(*a, **k)
+    )
+    report = eval_duplicates(photos, [oracle, ConstantEncoder(8)], n=3, seed=1, draws=2, workers=0)
+    assert seeds == [1, 2]  # each draw its own edits
+    perfect, const = report.results
+    one = 3 * 9 * 8 // 2
+    assert report.positives == 2 * one and report.images == 12 + 2 * 3 * 8
+    assert report.groups_from == "copies: standard, n=3, seeds=1-2"
+    assert perfect.at_recommended == (1.0, 1.0)
+    found = 2 * ((12 + 3 * 8) * (12 + 3 * 8 - 1) // 2)  # each draw: every pair of its images
+    assert const.curve.precision.tolist() == pytest.approx([2 * one / found])
+    with pytest.raises(DatasetError, match="--draws"):
+        eval_duplicates(photos, [oracle], groups=photos / "groups.csv", draws=2)
+    argv = ["eval", "duplicates", str(photos), "--model", RAW_PIXELS, "--n", "1", "--draws", "2"]
+    assert main([*argv, "--workers", "0", "--json", "--plot", str(tmp_path / "pr.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["groups_from"].endswith("n=1, seeds=0-1")
+
+
 def test_cli_copies_json_and_knn_error(photos, tiny_encoder_dir, tmp_path, capsys):
     argv = ["eval", "copies", str(photos), "--model", str(tiny_encoder_dir), "--model"]
     argv += [RAW_PIXELS, "--n", "2", "--backend", "torch", "--workers", "0", "--json"]

@@ -12,6 +12,7 @@ from mocoretrieval.metrics import (
     duplicate_precision_recall,
     knn_scores,
     maximum_spanning_tree,
+    pool_precision_recall,
     single_target_scores,
     target_ranks,
 )
@@ -131,3 +132,27 @@ def test_duplicate_curve_of_two_pairs():
     assert curve.at(0.999) == (1.0, 0.0)
     assert curve.at(math.cos(math.radians(20))) == pytest.approx((1.0, 1.0))
     assert curve.at(-1) == pytest.approx((2 / 6, 1.0))
+    assert curve.found.tolist() == [1, 2, 6] and curve.right.tolist() == [1, 2, 2]
+
+
+def _cos(*degrees: float) -> list[float]:
+    return [math.cos(math.radians(d)) for d in degrees]
+
+
+def test_pooled_curve_sums_the_pairs_of_every_set():
+    """Two sets scored as one measurement. Set a is the two-pair set above; in set b the first
+    merge (cos 20) is wrong, and the second (cos 40) adds the one right pair among three.
+    At cos 20 the pooled precision is (2 + 0) / (2 + 1) = 2/3; averaging the two sets' ratios
+    would give 1/2, and a set that has not merged yet contributes nothing, not a ratio of 1."""
+    a = duplicate_precision_recall(_angles([0, 10, 45, 50]), ["a", "a", "b", "b"])
+    b = duplicate_precision_recall(_angles([0, 20, 60]), ["x", "y", "x"])
+    pooled = pool_precision_recall([a, b])
+    assert pooled.positives == 3
+    assert pooled.thresholds == pytest.approx(_cos(5, 10, 20, 35, 40), abs=1e-5)
+    assert pooled.found.tolist() == [1, 2, 3, 7, 9] and pooled.right.tolist() == [1, 2, 2, 2, 3]
+    assert pooled.precision.tolist() == pytest.approx([1, 1, 2 / 3, 2 / 7, 1 / 3])
+    assert pooled.recall.tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 2 / 3, 1])
+    assert pooled.threshold_for(0.9) == pytest.approx(_cos(10)[0], abs=1e-5)
+    same = pool_precision_recall([a, a])  # one set twice: the same ratios, twice the pairs
+    assert same.precision.tolist() == pytest.approx(a.precision.tolist())
+    assert same.recall.tolist() == pytest.approx(a.recall.tolist()) and same.positives == 4
