@@ -130,8 +130,8 @@ def eval_duplicates(
                 out = Path(tmp) / f"seed-{s}"
                 order = choose_images(files, n, s)
                 copies, _ = make_copies(folder, order, out, transforms, s, limit=n)
-                known = {c.original: c.original for c in copies}
-                sets.append((known | {c.path: c.original for c in copies}, copies, out))
+                known = {k: c.original for c in copies for k in (c.original, c.path)}
+                sets.append((known, copies, out))
             copied = len({c.original for c in sets[0][1]})
             seeds = f"seed={seed}" if draws == 1 else f"seeds={seed}-{seed + draws - 1}"
             source = f"copies: {transforms}, n={copied}, {seeds}"

@@ -202,9 +202,13 @@ class PrecisionRecall:
     found: np.ndarray
     right: np.ndarray
 
+    def rows(self, thresholds: np.ndarray | float) -> np.ndarray:
+        """The row in force at each threshold: the last merge at or above it (-1: none yet)."""
+        return np.searchsorted(-self.thresholds, -np.asarray(thresholds), side="right") - 1
+
     def at(self, threshold: float) -> tuple[float, float]:
         """``(precision, recall)`` of ``duplicates(threshold)``."""
-        i = int(np.searchsorted(-self.thresholds, -threshold, side="right")) - 1
+        i = int(self.rows(threshold))
         if i < 0:
             return 1.0, 0.0  # nothing found: no wrong pair either
         return float(self.precision[i]), float(self.recall[i])
@@ -287,7 +291,7 @@ def pool_precision_recall(curves: Sequence[PrecisionRecall]) -> PrecisionRecall:
     found = np.zeros(len(thresholds), np.int64)
     right = np.zeros(len(thresholds), np.int64)
     for c in curves:
-        i = np.searchsorted(-c.thresholds, -thresholds, side="right") - 1  # as PrecisionRecall.at
+        i = c.rows(thresholds)
         seen = i >= 0
         found[seen] += c.found[i[seen]]
         right[seen] += c.right[i[seen]]
