@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import formats
+from . import formats, jpeg_scans
 from .errors import ImageError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ _MODE_BYTES = {
 }
 # The most bytes one decode may take: an RGB image at Pillow's pixel limit (about 270 MB).
 MAX_DECODE_BYTES = 3 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+# Progressive JPEGs up to this size are read into memory and rewritten for a 1/8-scale decode
+# (:mod:`.jpeg_scans`): the same pixels, 2.5-3.5x faster on 4-15 MPix wallpapers.
+MAX_REWRITE_BYTES = 64 << 20
 # Stored thumbnails are viewed in a ~170 px gallery cell; 85 is Pillow's "visually near
 # lossless" range and keeps a 320 px JPEG around 15-25 kB.
 THUMBNAIL_QUALITY = 85
@@ -120,12 +123,25 @@ def _reduced(img: Image.Image, min_side: int | None) -> Image.Image:
     return img
 
 
+def _eighth_scale(f, img: Image.Image, min_side: int) -> Image.Image:
+    """``img``, a progressive JPEG in 1/8 draft mode, opened from its lean rewrite if it has one."""
+    f.seek(0)
+    lean = jpeg_scans.eighth_scale_scans(f.read())
+    if lean is None:
+        return img
+    fast = Image.open(io.BytesIO(lean))
+    fast.draft("RGB", (min_side, min_side))
+    return fast
+
+
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decodes an image file into RGB, fast and defensively.
 
     JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain while
     keeping the short side at least ``min_side`` (measured here on 4 MPix files: about 4x faster
-    for baseline JPEGs, 1.5x for progressive ones, whose entropy decoding is not scaled).
+    for baseline JPEGs, 1.5x for progressive ones, whose entropy decoding is not scaled). A
+    progressive JPEG drafted at 1/8 is decoded from a rewrite without the AC coefficients that
+    scale does not read (:mod:`.jpeg_scans`): the same pixels, a few times faster.
     Any image still twice ``min_side`` or more is then box-reduced by an integer factor, so
     that the short side ends between ``min_side`` and twice it.
     EXIF orientation is applied; GIFs and other animations give their first frame; every mode
@@ -170,6 +186,12 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
                     raise ImageError(f"decompression bomb ({pixels} pixels)", path)
                 if min_side and img.format == "JPEG":
                     img.draft("RGB", (min_side, min_side))
+                    if (
+                        img.decoderconfig[:1] == (8,)
+                        and img.info.get("progressive")
+                        and st.st_size <= MAX_REWRITE_BYTES
+                    ):
+                        img = _eighth_scale(f, img, min_side)
                 n_bytes = img.width * img.height * _MODE_BYTES.get(img.mode, 4)
                 if n_bytes > MAX_DECODE_BYTES:
                     raise ImageError(f"too large to decode ({n_bytes / 1e6:.0f} MB)", path)
