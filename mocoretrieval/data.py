@@ -9,6 +9,7 @@ import re
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -123,7 +124,7 @@ def _reduced(img: Image.Image, min_side: int | None) -> Image.Image:
     return img
 
 
-def _eighth_scale(f, img: Image.Image, min_side: int) -> Image.Image:
+def _eighth_scale(f: BinaryIO, img: Image.Image, min_side: int) -> Image.Image:
     """``img``, a progressive JPEG in 1/8 draft mode, opened from its lean rewrite if it has one."""
     f.seek(0)
     lean = jpeg_scans.eighth_scale_scans(f.read())

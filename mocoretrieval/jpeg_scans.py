@@ -56,7 +56,7 @@ def _ac_tables(body: bytes) -> dict[int, bytes] | None:
     return tables
 
 
-def _empty_scan(blocks: int, slot: int) -> bytes:
+def _empty_scan(blocks: int, slot: int) -> tuple[bytes, bytes]:
     """A DHT for AC ``slot`` and entropy data of end-of-band runs covering ``blocks`` blocks."""
     runs = [_LONGEST_RUN] * (blocks // _LONGEST_RUN)
     if blocks % _LONGEST_RUN:
@@ -128,7 +128,7 @@ def eighth_scale_scans(data: bytes) -> bytes | None:
             )
             comps = [body[6 + 3 * k : 9 + 3 * k] for k in range(count)]
             hmax, vmax = max(c[1] >> 4 for c in comps), max(c[1] & 15 for c in comps)
-            if height == 0 or hmax == 0 or vmax == 0:
+            if height == 0 or width == 0 or hmax == 0 or vmax == 0:
                 return None
             blocks = {
                 c[0]: -(-width // 8) * -(-height // 8)
