@@ -7,10 +7,11 @@ of a full-resolution component to one pixel from its DC coefficient alone, yet i
 entropy-decodes every AC scan first: a progressive 4-MPix JPEG took ~6x as long to
 draft-decode as a baseline one (benchmarks/RESULTS.md). Here each AC scan of a
 full-resolution component is replaced by one that says "no coefficient" for every block (a
-few end-of-band runs under a Huffman table of its own). Dropping those scans instead would
-change the pixels: a decoder that misses scans estimates the absent coefficients (block
-smoothing), DC included. Components sampled below full resolution (the chroma of a 4:2:0
-file) are scaled up through a larger IDCT that reads AC coefficients: their scans are kept.
+few end-of-band runs under a Huffman table of its own). Dropping those scans instead moves
+the pixels (measured: up to 31 levels), as a decoder that misses scans estimates the absent
+coefficients (block smoothing). Components sampled below full resolution (the chroma of a
+4:2:0 file) are scaled up through a larger IDCT that reads AC coefficients: their scans are
+kept.
 """
 
 from __future__ import annotations
