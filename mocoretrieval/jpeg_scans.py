@@ -88,7 +88,8 @@ def eighth_scale_scans(data: bytes) -> bytes | None:
     """
     if data[:2] != b"\xff\xd8":
         return None
-    blocks: dict[int, int] | None = None  # per full-resolution component: its 8x8 blocks
+    full: set[int] | None = None  # the components sampled at full resolution
+    blocks = 0  # 8x8 blocks in each of them
     ac: dict[int, bytes] = {}  # the AC Huffman tables in force, by slot
     out = [data[:2]]
     emptied: set[int] = set()  # the components whose AC scans are replaced
@@ -131,13 +132,10 @@ def eighth_scale_scans(data: bytes) -> bytes | None:
             hmax, vmax = max(c[1] >> 4 for c in comps), max(c[1] & 15 for c in comps)
             if height == 0 or width == 0 or hmax == 0 or vmax == 0:
                 return None
-            blocks = {
-                c[0]: -(-width // 8) * -(-height // 8)
-                for c in comps
-                if c[1] >> 4 == hmax and c[1] & 15 == vmax
-            }
+            full = {c[0] for c in comps if c[1] >> 4 == hmax and c[1] & 15 == vmax}
+            blocks = -(-width // 8) * -(-height // 8)
         if marker == SOS:
-            if blocks is None or not body:
+            if full is None or not body:
                 return None
             count = body[0]
             if len(body) != 2 * count + 4:
@@ -146,10 +144,10 @@ def eighth_scale_scans(data: bytes) -> bytes | None:
             scan_end = _scan_end(data, end)
             if scan_end < 0:
                 return None
-            if first > 0 and count == 1 and component in blocks:
+            if first > 0 and count == 1 and component in full:
                 if component not in emptied:  # one scan for the whole band, where the first was
                     emptied.add(component)
-                    table, entropy = _empty_scan(blocks[component], slot)
+                    table, entropy = _empty_scan(blocks, slot)
                     header = bytes((1, component, slot, 1, 63, 0))
                     out += [_segment(DHT, table), _segment(SOS, header), entropy]
                     if slot in ac:  # later scans decode with the file's own table again
