@@ -152,7 +152,7 @@ def eval_duplicates(
                 curves.append(duplicate_precision_recall(vectors, [known.get(p, p) for p in paths]))
                 missed += extra.skipped
                 images += len(extra.paths)
-            curve = curves[0] if len(curves) == 1 else pool_precision_recall(curves)
+            curve = pool_precision_recall(curves)  # one draw: its own curve
             if curve.positives == 0:
                 raise DatasetError("no two images share a group: nothing to find")
             best = curve.threshold_for(target_precision)
