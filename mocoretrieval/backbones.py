@@ -47,8 +47,59 @@ def sincos_pos_embed_2d(grid: int, dim: int, temperature: float = 10000.0) -> to
     return torch.cat([torch.zeros(1, dim), emb], dim=0)[None]  # (1, 1+G*G, D)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes a conv over a map no larger than its kernel as one matrix
+    product: the same function and gradients, far faster where the map is tiny.
+
+    At 32 px the last stages of a standard-stem ResNet see 2x2 and 1x1 maps; oneDNN still runs
+    there a padded 3x3 conv, mostly multiplying padding, and its backward is slow: on 2 cores
+    layer4 took 42% of a ResNet-18 forward+backward (benchmarks/RESULTS.md). Each output pixel
+    of such a conv is a linear map of the whole input, so the conv is the linear layer whose
+    weight gathers, for each output pixel, the kernel taps that land on the input (taps over
+    padding contribute zero, and get zero gradient, either way). Used when the input has at
+    most as many pixels as the kernel and the output at most 4; ``torch.jit.trace`` takes the
+    plain conv, whose graph, unlike this branch's, holds for every input size.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        kh, kw = self.kernel_size
+        if (
+            h * w > kh * kw
+            or self.groups != 1
+            or self.dilation != (1, 1)
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or torch.jit.is_tracing()
+        ):
+            return super().forward(x)
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if ho * wo > 4 or ho < 1 or wo < 1:
+            return super().forward(x)
+        # weight[o, c, i - a*sh + ph, j - b*sw + pw] for output pixel (a, b) and input pixel
+        # (i, j); a tap off the kernel lands on padding: zero.
+        rows = torch.arange(h)[None, :] - torch.arange(ho)[:, None] * sh + ph  # (ho, h)
+        cols = torch.arange(w)[None, :] - torch.arange(wo)[:, None] * sw + pw  # (wo, w)
+        r, c = rows[:, None, :, None], cols[None, :, None, :]  # (ho, 1, h, 1), (1, wo, 1, w)
+        tap = r * kw + c  # (ho, wo, h, w)
+        # (O, kh*kw, C): a view of a channels_last weight, the layout training uses.
+        taps = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, kh * kw, -1)
+        off = (r < 0) | (r >= kh) | (c < 0) | (c >= kw)
+        if off.any():
+            taps = nn.functional.pad(taps, (0, 0, 0, 1))  # a last, zero tap
+            tap = torch.where(off, kh * kw, tap)
+        weight = taps.index_select(1, tap.flatten().to(taps.device))  # (O, ho*wo*h*w, C)
+        # Rows ordered (a, b, o), columns (i, j, c): the channels_last layout on both sides.
+        weight = weight.view(self.out_channels, ho * wo, -1).transpose(0, 1)
+        weight = weight.reshape(ho * wo * self.out_channels, -1)
+        out = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), weight)
+        out = out.view(x.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (N, O, ho, wo)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
 def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    return nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)
+    return Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)
 
 
 class BasicBlock(nn.Module):
