@@ -176,22 +176,25 @@ class BatchAugment:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float images, 1 or 3 channels -> normalised (N, 3, S, S) float32."""
+        """uint8 or [0, 1] float images, 1 or 3 channels -> normalised (N, 3, S, S) float32.
+
+        A gray batch (1 channel) is augmented as one channel and repeated at the end: for gray
+        pixels saturation, hue and grayscale change nothing, so they are skipped, and every
+        other step costs a third.
+        """
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         cfg, view = self.cfg, self.view
         x = self.resized_crop(x)
         if cfg.jitter_p > 0:
             x = self._where(cfg.jitter_p, self.color_jitter(x), x)
-        if cfg.grayscale_p > 0:
+        if cfg.grayscale_p > 0 and x.shape[1] == 3:
             x = self._where(cfg.grayscale_p, luma(x).expand(-1, 3, -1, -1), x)
         if cfg.blur_p[view] > 0:
             x = self.blur(x, cfg.blur_p[view])
         if cfg.solarize_p[view] > 0:
             x = self._where(cfg.solarize_p[view], torch.where(x >= 0.5, 1.0 - x, x), x)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return ((x - mean) / std).contiguous()
+        return (x.expand(-1, 3, -1, -1) - mean) / std
 
     @staticmethod
     def _where(p: float, changed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -215,13 +218,15 @@ class BatchAugment:
         theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+        grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
         """ColorJitter(brightness, contrast, saturation, hue), a factor per image."""
         b, c, s, hue = self.cfg.jitter
         n, dev = x.shape[0], x.device
+        if x.shape[1] == 1:  # gray: its own luma, and no saturation or hue to change
+            s = hue = 0.0
 
         def factor(v: float) -> torch.Tensor:
             return _uniform(n, max(0.0, 1 - v), 1 + v, dev)[:, None, None, None]
@@ -230,7 +235,7 @@ class BatchAugment:
             if op == 0 and b > 0:
                 x = (x * factor(b)).clamp(0, 1)
             elif op == 1 and c > 0:
-                m = luma(x).mean(dim=(1, 2, 3), keepdim=True)
+                m = (x if x.shape[1] == 1 else luma(x)).mean(dim=(1, 2, 3), keepdim=True)
                 f = factor(c)
                 x = (f * x + (1 - f) * m).clamp(0, 1)
             elif op == 2 and s > 0:

@@ -121,8 +121,7 @@ class MomentumPair(nn.Module):
         """theta_k <- m * theta_k + (1 - m) * theta_q (He et al. 2020, Eq. 2)."""
         base = [p.detach() for p in self.base_encoder.parameters()]
         mom = list(self.momentum_encoder.parameters())
-        torch._foreach_mul_(mom, m)
-        torch._foreach_add_(mom, base, alpha=1.0 - m)
+        torch._foreach_lerp_(mom, base, 1.0 - m)  # one pass: m * k + (1 - m) * q
 
 
 class MoCo(MomentumPair):

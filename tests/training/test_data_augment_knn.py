@@ -100,6 +100,24 @@ def test_batch_augment_draws_per_image_and_respects_probabilities():
     assert torch.equal(a, aug(x))
 
 
+def test_a_gray_batch_is_augmented_as_one_channel_like_its_rgb_copy():
+    """Saturation, hue and grayscale leave gray pixels as they are, so a 1-channel batch skips
+    them and runs the rest on one channel. With those three off, the same seed gives the same
+    views as the batch repeated to RGB; breaking it, tried: the contrast factor's mean taken
+    with the RGB luma weights on the one channel (0.299 * x) fails here."""
+    cfg = preset(
+        "v2", "resnet18", input_size=32, jitter=(0.4, 0.4, 0.0, 0.0), jitter_p=1.0, grayscale_p=0
+    )
+    aug = BatchAugment(cfg, 0, (0.3, 0.3, 0.3), (0.35, 0.35, 0.35))
+    gray = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    torch.manual_seed(3)
+    one = aug(gray)
+    torch.manual_seed(3)
+    rgb = aug(gray.expand(-1, 3, -1, -1))
+    assert one.shape == rgb.shape == (16, 3, 32, 32)
+    torch.testing.assert_close(one, rgb, rtol=0, atol=1e-5)
+
+
 def _steps(tf) -> list[str]:
     """Names of a Compose's steps, looking inside RandomApply."""
     out = []
