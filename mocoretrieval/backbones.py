@@ -65,12 +65,12 @@ class Conv2d(nn.Conv2d):
         h, w = x.shape[-2:]
         kh, kw = self.kernel_size
         if (
-            h * w > kh * kw
+            torch.jit.is_tracing()  # first: a traced shape is a tensor, not an int
+            or h * w > kh * kw
             or self.groups != 1
             or self.dilation != (1, 1)
             or self.padding_mode != "zeros"
             or isinstance(self.padding, str)
-            or torch.jit.is_tracing()
         ):
             return super().forward(x)
         (sh, sw), (ph, pw) = self.stride, self.padding
