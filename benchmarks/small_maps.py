@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import append_section
+from train_cpu import Plain
 
 from mocoretrieval import backbones
-from training.runtime import autocast, resolve_precision, set_cpu_threads
+from training.runtime import resolve_precision, set_cpu_threads
 
 # name, input size, stem max-pool kept; the maps of layer3 / layer4 in the comment
 CASES = [
@@ -38,27 +38,6 @@ CASES = [
     ("standard stem without max-pool, 32 px", 32, False),  # 4x4 / 2x2
     ("standard stem, 64 px", 64, True),  # 4x4 / 2x2
 ]
-
-
-class Plain:
-    """Forward + backward + SGD step of a ResNet-18 (and a linear classifier)."""
-
-    def __init__(self, size: int, pool: bool, batch: int, precision: str) -> None:
-        backbone = backbones.build_backbone("resnet18")
-        if not pool:
-            backbone.net.maxpool = nn.Identity()
-        self.net = nn.Sequential(backbone, nn.Linear(512, 10)).to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
-        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, 10, (batch,))
-        self.precision = precision
-
-    def step(self) -> None:
-        with autocast(self.x.device, self.precision):
-            loss = F.cross_entropy(self.net(self.x).float(), self.y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
 
 
 def main() -> int:
@@ -78,7 +57,10 @@ def main() -> int:
     rows = []
     try:
         for name, size, pool in CASES:
-            plain = Plain(size, pool, args.batch_size, precision)
+            backbone = backbones.build_backbone("resnet18")
+            if not pool:
+                backbone.net.maxpool = nn.Identity()
+            plain = Plain(args.batch_size, precision, size, backbone)
             rates: dict[str, list[float]] = {k: [] for k in forwards}
             for _ in range(args.rounds):
                 for kind, forward in forwards.items():

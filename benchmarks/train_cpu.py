@@ -53,13 +53,17 @@ def recipe(version: str, batch: int):
 
 
 class Plain:
-    """Forward + backward + SGD step of the bare backbone (and a linear classifier)."""
+    """Forward + backward + SGD step of the bare backbone (and a linear classifier): a
+    ResNet-18 at 32 px unless ``backbone`` and ``size`` say otherwise."""
 
-    def __init__(self, batch: int, precision: str) -> None:
-        self.net = torch.nn.Sequential(build_backbone("resnet18"), torch.nn.Linear(512, 10))
+    def __init__(
+        self, batch: int, precision: str, size: int = 32, backbone: torch.nn.Module | None = None
+    ) -> None:
+        backbone = build_backbone("resnet18") if backbone is None else backbone
+        self.net = torch.nn.Sequential(backbone, torch.nn.Linear(512, 10))
         self.net = self.net.to(memory_format=torch.channels_last)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
-        self.x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        self.x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 10, (batch,))
         self.precision = precision
 
