@@ -297,8 +297,8 @@ NAMED: dict[str, dict[str, Any]] = {
         "all": {"arch": "resnet18", "input_size": 32, "small_stem": False, "batch_size": 256},
         # The small-image settings of [demo] (K=4096 for a 60k data set, m=0.99 and T=0.1 for
         # short runs, wd 5e-4) and cosine lr at 2x [v1]'s base lr, as the run is 10x shorter
-        # than [demo]'s. 28 epochs take 50-60 minutes at 90-130 s each (27 took 49.8 minutes);
-        # 18 epochs reached 0.7932 at epoch 9 (random init 0.7751) while still rising.
+        # than [demo]'s. 28 epochs took 39.5 minutes, and 27 took 49.8, on this 2-core host as
+        # its speed varied (66-189 s an epoch); the 28 ended at 0.8299 (random init 0.7756).
         # T=0.2 ([v2]'s own) and BN in the projection head (as SimCLR's, [v3]'s): 6-epoch probes
         # of the whole cosine schedule ended at 0.7742 (T=0.1, no head BN), 0.7879 (T=0.2) and
         # 0.8005 (both); lr 0.12 (0.7536) and crops down to 8% without blur (0.7760) did not help.
