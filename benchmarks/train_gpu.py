@@ -29,6 +29,7 @@ On a CPU, with small settings, it doubles as a short real run (``--device cpu``)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,8 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from training import checkpoint as ckpt_io
 from training import pretrain as pretrain_mod
+from training.args import _field_type
 from training.augment import BatchAugment
-from training.config import NAMED, preset
+from training.config import NAMED, PretrainConfig, preset
 from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
 from training.loaders import DataOptions
 from training.moco import build_moco
@@ -56,19 +58,37 @@ from training.optim import build_optimizer
 from training.pretrain import RunOptions, train
 
 
-def recipe(version: str, batch: int, epochs: int):
+def recipe(version: str, batch: int, epochs: int, **overrides):
     """The recipe of ``version`` for 32-px Fashion-MNIST: the ``fmnist-cpu`` preset's row for
     that version (v2: K=4096, m=0.99, T=0.2, BN in the projection head, wd 5e-4, base lr 0.06;
     its CPU probes are in RESULTS.md) with the small stem, which a GPU affords; v3 keeps its
-    recipe with the warmup cut to a tenth of the run, as in its 100-epoch ResNet setting."""
+    recipe with the warmup cut to a tenth of the run, as in its 100-epoch ResNet setting.
+    ``overrides`` (``--set``) go on top of both."""
     # The small stem (3x3/1, no max-pool) at 32 px: 16x the compute of the standard stem, for
     # the higher accuracy of the MoCo CIFAR demo's network.
     common = {"input_size": 32, "batch_size": batch, "epochs": epochs, "small_stem": True}
     common["knn_every"] = max(1, epochs // 5)
     if version == "v2":
         row = {k: v for k, v in NAMED["fmnist-cpu"]["v2"].items() if k not in common}
-        return preset("v2", "resnet18", **{**row, **common})
-    return preset("v3", "resnet18", warmup_epochs=max(0.5, epochs / 10), **common)
+        return preset("v2", "resnet18", **{**row, **common, **overrides})
+    return preset(
+        "v3", "resnet18", **{"warmup_epochs": max(0.5, epochs / 10), **common, **overrides}
+    )
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of a :class:`PretrainConfig` field (tuples comma-separated)."""
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+    if not sep or name not in fields or name == "extra":
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a recipe field, got {text!r}")
+    kind, item = _field_type(str(fields[name].type))
+    if kind is bool:
+        return name, value.strip().lower() in ("1", "true", "yes", "on")
+    if kind == "tuple":
+        return name, tuple(item(v) for v in value.split(","))
+    return name, kind(value)
 
 
 def sync(device: torch.device) -> None:
@@ -112,9 +132,11 @@ def plain_rate(batch: int, device: torch.device, seconds: float) -> float:
     return n * batch / (time.perf_counter() - t0)
 
 
-def augment_rate(batch: int, device: torch.device, images: torch.Tensor, seconds: float) -> float:
+def augment_rate(
+    batch: int, device: torch.device, images: torch.Tensor, seconds: float, overrides: dict
+) -> float:
     """Images/s of the batched two-view augmentation alone (both views of a training image)."""
-    cfg = recipe("v2", batch, 1)
+    cfg = recipe("v2", batch, 1, **overrides)
     aug = [BatchAugment(cfg, v, FASHION_MNIST_MEAN, FASHION_MNIST_STD) for v in (0, 1)]
     x = images[:batch].to(device)
     n, t0 = 0, time.perf_counter()
@@ -127,9 +149,11 @@ def augment_rate(batch: int, device: torch.device, images: torch.Tensor, seconds
     return n * batch / (time.perf_counter() - t0)
 
 
-def step_seconds(version: str, batch: int, device: torch.device, steps: int) -> float:
+def step_seconds(
+    version: str, batch: int, device: torch.device, steps: int, overrides: dict
+) -> float:
     """Seconds per MoCo training step (calibration), bf16/channels_last on GPU."""
-    cfg = recipe(version, batch, 10)
+    cfg = recipe(version, batch, 10, **overrides)
     model = build_moco(cfg).to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -198,7 +222,10 @@ def run_version(
     """Trains ``version`` within ``budget_s``: epoch 0 under a provisional plan, epoch 1
     resumed (a steady epoch, measured), then the rest of a schedule planned from the measured
     parts, resumed under a time limit."""
-    t_step = step_seconds(version, args.batch_size, device, 5 if device.type == "cuda" else 2)
+    overrides = dict(args.set)
+    t_step = step_seconds(
+        version, args.batch_size, device, 5 if device.type == "cuda" else 2, overrides
+    )
     steps = n_train // args.batch_size
     # The provisional plan, from the step time (kNN + checkpoint guessed at 15% of an epoch and
     # 25 s of setup), sets only epoch 1's lr (v2) or the first epochs' warmup (v3).
@@ -222,7 +249,7 @@ def run_version(
 
     t0 = time.perf_counter()
     with PartTimes(device) as parts:
-        provisional = recipe(version, args.batch_size, guess)
+        provisional = recipe(version, args.batch_size, guess, **overrides)
         train(provisional, data, options(stop_after_epoch=1))
         keep_log()
         train(provisional, data, options(resume="auto", stop_after_epoch=2))
@@ -236,7 +263,7 @@ def run_version(
         done = len(parts.seconds["epoch"])
         more = math.floor((left - setup_s - 6 * knn_s) / epoch_s)
         epochs = max(done, min(args.max_epochs, done + more))
-        cfg = recipe(version, args.batch_size, epochs)
+        cfg = recipe(version, args.batch_size, epochs, **overrides)
         if epochs > done:
             replan(checkpoint, cfg)
             left = budget_s - (time.perf_counter() - t0)
@@ -294,6 +321,7 @@ def table(result: dict) -> str:
         (
             f"device: {result['device']}; batch {result['batch_size']}; train images "
             f"{result['train_images']}; kNN {result['knn']}"
+            + "".join(f"; {k}={v}" for k, v in result.get("overrides", {}).items())
         ),
         (
             f"plain forward/backward (ResNet-18 small stem, 32 px): {plain:,.0f} images/s; "
@@ -338,6 +366,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/train_gpu"), help="small files")
     p.add_argument("--work-dir", help="checkpoints and encoders (default: a temporary folder)")
+    p.add_argument(
+        "--set",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a recipe field on top of both versions' recipes, e.g. blur_p=0,0 (repeatable)",
+    )
     p.add_argument("--append-results", action="store_true", help="append to RESULTS.md")
     args = p.parse_args()
     if args.threads:
@@ -358,10 +394,13 @@ def main() -> int:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "batch_size": args.batch_size,
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.set},
         "train_images": images.shape[0],
         "knn": f"bank {args.knn_bank or 60000} train / {args.knn_val or 10000} test queries",
         "plain_fwd_bwd_images_per_s": plain_rate(args.batch_size, device, probe / 2),
-        "augment_images_per_s": augment_rate(args.batch_size, device, images, probe / 4),
+        "augment_images_per_s": augment_rate(
+            args.batch_size, device, images, probe / 4, dict(args.set)
+        ),
         "runs": [],
     }
     for i, version in enumerate(args.versions):
