@@ -4,6 +4,7 @@ accuracy against random init and raw pixels, measured in the same run.
 It runs (or resumes, or only reads, if the run is complete) exactly
 
     python -m training.pretrain --preset fmnist-cpu --version V --out-dir OUT [--epochs N]
+        [--budget-min M]
 
 and summarises OUT/log.jsonl: kNN accuracy (k=200, T=0.1, the 60,000 training images as the
 bank, the 10,000 test images as queries) at epoch 0 (random init), at each evaluation and at the
@@ -12,6 +13,7 @@ last epoch, the raw-pixel kNN under the same protocol, the training time and ima
 60 minutes on 2 cores; v1 and v3, on smaller budgets, beat their own random init.
 
     python benchmarks/fmnist_cpu.py --version v2 --append-results
+    python benchmarks/fmnist_cpu.py --version v2 --budget-min 60 --append-results  # the hour
     python benchmarks/fmnist_cpu.py --version v3 --append-results
 """
 
@@ -27,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 from results import append_section
 
-from training.config import named_preset
 from training.pretrain import main as pretrain
 
 
@@ -41,6 +42,7 @@ def summarize(records: list[dict], version: str) -> tuple[str, dict]:
     epochs = [r for r in records if r["event"] == "epoch"]
     evals = [(r["epoch"] + 1, r["knn_acc"]) for r in epochs if "knn_acc" in r]
     seconds = sum(r["seconds"] for r in epochs)
+    end = next((r for r in records if r["event"] == "end"), None)  # start to encoder, if logged
     speed = sum(r["images_per_s"] for r in epochs) / len(epochs)
     random_init, pixels = floor["knn_acc"], floor["pixels_knn_acc"]
     last_epoch, final = evals[-1]
@@ -51,6 +53,7 @@ def summarize(records: list[dict], version: str) -> tuple[str, dict]:
         "final": final,
         "epochs": len(epochs),
         "train_seconds": seconds,
+        "wall_seconds": end["seconds"] if end else None,
         "images_per_s": speed,
         "curve": evals,
     }
@@ -58,7 +61,8 @@ def summarize(records: list[dict], version: str) -> tuple[str, dict]:
         (
             f"MoCo {version}, {floor['knn_set']}, kNN k=200 T=0.1; {len(epochs)} epochs in "
             f"{seconds / 60:.1f} min of training (kNN evaluations not included), "
-            f"{speed:.0f} images/s on average."
+            f"{speed:.0f} images/s on average"
+            + (f"; {end['seconds'] / 60:.1f} min from start to encoder." if end else ".")
         ),
         "",
         "| epoch | kNN accuracy |",
@@ -73,7 +77,8 @@ def summarize(records: list[dict], version: str) -> tuple[str, dict]:
         ),
     ]
     if version == "v2":
-        ok = final - pixels >= 0.02 and final - random_init >= 0.08 and seconds <= 3600
+        wall = end["seconds"] if end else seconds
+        ok = final - pixels >= 0.02 and final - random_init >= 0.08 and wall <= 3600
         lines.append(
             "Goal (≥ +2 over pixels, ≥ +8 over random init, ≤ 60 min): "
             + ("met." if ok else "not met.")
@@ -90,15 +95,19 @@ def main() -> int:
     p.add_argument("--version", default="v2", choices=("v1", "v2", "v3"))
     p.add_argument("--out-dir", help="run folder (default runs/fmnist-cpu-VERSION)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument(
+        "--budget-min", type=float, help="plan the epochs into this many minutes (see pretrain)"
+    )
     p.add_argument("--append-results", action="store_true", help="append to RESULTS.md")
     args = p.parse_args()
     out = Path(args.out_dir or f"runs/fmnist-cpu-{args.version}")
-    epochs = args.epochs or named_preset("fmnist-cpu", args.version).epochs
     log = out / "log.jsonl"
-    done = log.is_file() and sum(r["event"] == "epoch" for r in read_log(log)) >= epochs
+    # A run is complete once it exported its encoder (a budgeted run plans its own epochs).
+    done = log.is_file() and any(r["event"] == "export" for r in read_log(log))
     if not done:
         argv = ["--preset", "fmnist-cpu", "--version", args.version, "--out-dir", str(out)]
-        argv += ["--epochs", str(epochs)] if args.epochs else []
+        argv += ["--epochs", str(args.epochs)] if args.epochs else []
+        argv += ["--budget-min", str(args.budget_min)] if args.budget_min else []
         argv += ["--resume"] if (out / "checkpoint.pth").is_file() else []
         if pretrain(argv):
             return 1

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave at the epoch end after which another epoch would pass this many "
         "seconds; resume later",
     )
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        help="plan the schedule into this many minutes, start to exported encoder: the number "
+        "of epochs is set after every epoch to what still fits at the measured pace",
+    )
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--no-export", action="store_true", help="do not write OUT_DIR/encoder")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the encoder at the end")

@@ -57,6 +57,10 @@ class RunOptions:
     # Leave after the epoch at which one more epoch would overrun this many seconds of the
     # run (resumable): for fixed time slots and benchmarks.
     time_limit_s: float | None = None
+    # Plan the schedule into this many seconds of wall time, from the start of this call to
+    # the exported encoder: after every epoch the number of epochs is set to what still fits
+    # at the epochs' measured pace (the recipe's ``epochs`` only shapes the first epoch's lr).
+    budget_s: float | None = None
     log_every: int = 50  # steps between step log lines
     export: bool = True  # write OUT_DIR/encoder at the end
     push_to_hub: str | None = None  # and upload it to this Hub repo id
@@ -408,6 +412,59 @@ def _out_of_time(run: RunOptions, run_start: float, epoch_start: float, now: flo
     return dist.all_gather_object(late)[0]
 
 
+def plan_epochs(done: int, left_s: float, epoch_s: float, knn_s: float, knn_every: int) -> int:
+    """The most epochs a run that has just trained its ``done``-th epoch can have such that the
+    rest fit in ``left_s`` seconds: ``epoch_s`` per epoch and ``knn_s`` per kNN evaluation
+    (after every ``knn_every``-th epoch, the ``done``-th included, and after the last; 0: none).
+    At least ``done``."""
+
+    def cost(total: int) -> float:
+        evals = 0
+        if knn_every:  # multiples of knn_every in [done, total], and the last epoch
+            evals = total // knn_every - (done - 1) // knn_every + (total % knn_every != 0)
+        return (total - done) * epoch_s + evals * knn_s
+
+    total = done
+    while total < PLAN_MAX_EPOCHS and cost(total + 1) <= left_s:
+        total += 1
+    return total
+
+
+PLAN_MAX_EPOCHS = 10_000
+
+
+class Pace:
+    """What a budgeted run measures to plan with: its epochs' wall seconds (training and
+    checkpoint) and its kNN evaluations'."""
+
+    def __init__(self) -> None:
+        self.epochs: list[float] = []
+        self.knn: list[float] = []
+        self.checkpoint_s = 0.0  # the last checkpoint's write
+
+    def epoch_s(self) -> float:
+        recent = self.epochs[-3:]  # the host's recent pace: follows a machine that slows down
+        return sum(recent) / len(recent)
+
+    def knn_s(self) -> float:
+        # Before any evaluation was timed (a resumed run), a quarter of an epoch.
+        return self.knn[-1] if self.knn else 0.25 * self.epoch_s()
+
+
+def _replan(t: Trainer, run: RunOptions, pace: Pace, budget_start: float) -> None:
+    """Sets ``t.cfg.epochs`` to what fits ``run.budget_s`` at ``pace`` (rank 0's plan for every
+    process); logs a ``plan`` record when it changes."""
+    left = run.budget_s - (time.monotonic() - budget_start) - EXPORT_RESERVE_S
+    total = plan_epochs(t.epoch, left, pace.epoch_s(), pace.knn_s(), t.cfg.knn_every)
+    total = dist.all_gather_object(total)[0]
+    if total != t.cfg.epochs:
+        t.cfg = dataclasses.replace(t.cfg, epochs=total)
+        t.log(event="plan", epoch=t.epoch, epochs=total, epoch_s=round(pace.epoch_s(), 3))
+
+
+EXPORT_RESERVE_S = 5.0  # writing the encoder and its card at the end of a budgeted run
+
+
 def export_encoder(t: Trainer, push_to_hub: str | None) -> str:
     """Exports the checkpoint's base encoder to ``OUT_DIR/encoder`` (and the Hub)."""
     from .export import export
@@ -429,28 +486,43 @@ def train(
         run: where to write, and how to run.
         explicit: config fields the user set; on resume they must match the checkpoint's.
     """
+    budget_start = time.monotonic()
     t = setup(cfg, data, run, explicit)
-    cfg = t.cfg  # the checkpoint's recipe when resumed
+    pace = Pace()
     if t.resumed_from is None:
+        knn_start = time.monotonic()
         floors = evaluate(t, 0)
         if floors:
+            pace.knn.append(time.monotonic() - knn_start)
             t.log(event="knn", epoch=0, **floors)
-    last_epoch = (
-        cfg.epochs if run.stop_after_epoch is None else min(cfg.epochs, run.stop_after_epoch)
-    )
+
+    def last_epoch() -> int:  # the recipe's (the checkpoint's when resumed), or the plan's
+        epochs = t.cfg.epochs
+        return epochs if run.stop_after_epoch is None else min(epochs, run.stop_after_epoch)
+
     run_start = time.monotonic()
-    for epoch in range(t.epoch, last_epoch):
-        epoch_start = time.monotonic()
+    while t.epoch < last_epoch():
+        epoch, epoch_start = t.epoch, time.monotonic()
         record = train_one_epoch(t, epoch, run.log_every)
-        record.update(evaluate(t, epoch + 1))
         t.epoch = epoch + 1
+        if run.budget_s is not None:
+            pace.epochs.append(time.monotonic() - epoch_start + pace.checkpoint_s)
+            _replan(t, run, pace, budget_start)
+        knn_start = time.monotonic()
+        evaluated = evaluate(t, epoch + 1)
+        if evaluated:
+            pace.knn.append(time.monotonic() - knn_start)
+        record.update(evaluated)
+        save_start = time.monotonic()
         save_checkpoint(t)
+        pace.checkpoint_s = time.monotonic() - save_start
         t.log(**record)
         now = time.monotonic()
-        if _out_of_time(run, run_start, epoch_start, now) and t.epoch < last_epoch:
+        if _out_of_time(run, run_start, epoch_start, now) and t.epoch < last_epoch():
             t.log(event="time_limit", epoch=epoch, seconds=now - run_start)
             break
         dist.barrier()
+    cfg = t.cfg
 
     summary: dict[str, Any] = {
         "epochs": t.epoch,
@@ -460,6 +532,7 @@ def train(
     }
     if t.rank == 0 and run.export and t.epoch == cfg.epochs:
         summary["encoder"] = export_encoder(t, run.push_to_hub)
+    t.log(event="end", epoch=t.epoch, seconds=time.monotonic() - budget_start)
     dist.barrier()
     return summary
 
@@ -490,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         stop_after_epoch=args.stop_after_epoch,
         time_limit_s=args.time_limit_s,
+        budget_s=None if args.budget_min is None else 60.0 * args.budget_min,
         log_every=args.log_every,
         export=not args.no_export,
         push_to_hub=args.push_to_hub,

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ from PIL import Image
 
 from mocoretrieval import MoCoEncoder
 from training import checkpoint as ckpt_io
+from training import pretrain
 from training.config import ConfigError, preset
 from training.export import main as export_main
 from training.loaders import DataOptions
-from training.pretrain import RunOptions, build_parser, config_from_args, train
+from training.pretrain import RunOptions, build_parser, config_from_args, plan_epochs, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"input_size": 8, "batch_size": 8, "dim": 8, "mlp_dim": 16}
@@ -91,6 +93,75 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, image_folder
     torch.manual_seed(1234)  # the resumed run must not depend on the caller's RNG
     train(cfg, data, RunOptions(out_dir=str(parts), device="cpu", resume="auto", export=False))
     _assert_same_state(ckpt_io.load(whole), ckpt_io.load(parts))
+
+
+def test_plan_epochs_fits_the_epochs_and_evaluations_left():
+    # 2 done, 100 s left, 10 s an epoch, 5 s a kNN every 4 epochs and after the last:
+    # 10 epochs cost 8 * 10 + 3 * 5 (after 4, 8 and 10) = 95 s; 11 would cost 105 s.
+    assert plan_epochs(2, 100.0, 10.0, 5.0, 4) == 10
+    assert plan_epochs(2, 100.0, 10.0, 5.0, 0) == 12  # no kNN monitor
+    # After epoch 4 its own evaluation is due too: 11 epochs cost 7 * 10 + 3 * 5 (after 4, 8
+    # and 11) = 85 s of 90; 12 would cost 80 + 15 = 95 s.
+    assert plan_epochs(4, 90.0, 10.0, 5.0, 4) == 11
+    assert plan_epochs(2, -1.0, 10.0, 5.0, 4) == 2  # out of time: stop where it is
+
+
+class _Clock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("pace", "epochs"),
+    [
+        ((10.0,), 6),  # 60 s of the 65 after the 5 s kept for the export
+        # The host slows down: at 50 s the recent pace (16.7 s) leaves no room for a 4th epoch
+        # (it would end at 80 s); the first epochs' pace (10 s) would still plan one.
+        ((10.0, 10.0, 30.0), 3),
+    ],
+)
+def test_budgeted_run_plans_its_schedule_into_the_budget(tmp_path, monkeypatch, pace, epochs):
+    """A budget sets the number of epochs from the measured pace, after every epoch; the run
+    ends within the budget on a finished schedule, and the checkpoint keeps the plan.
+    Mutations, each made once: without the replanning call the run keeps the recipe's 2
+    epochs (both cases fail); planning from the first epoch's pace only runs the slowing host
+    into a 4th epoch, to 80 s of the 65 (the second case fails)."""
+    clock, real_epoch = _Clock(), pretrain.train_one_epoch
+
+    def one_epoch(t, epoch, log_every):
+        record = real_epoch(t, epoch, log_every)
+        clock.now += pace[min(epoch, len(pace) - 1)]
+        return record
+
+    monkeypatch.setattr(pretrain, "time", clock)
+    monkeypatch.setattr(pretrain, "train_one_epoch", one_epoch)
+    cfg = tiny_cfg("v2", epochs=2, knn_every=0)
+    run = RunOptions(out_dir=str(tmp_path / "run"), device="cpu", budget_s=65.0)
+    summary = train(cfg, DataOptions(data="fashion-mnist", limit_train=16), run)
+    assert summary["epochs"] == epochs and "encoder" in summary
+    assert clock.now <= 65.0
+    assert ckpt_io.load(tmp_path / "run")["config"]["epochs"] == epochs
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    plans = [r["epochs"] for r in records if r["event"] == "plan"]
+    assert plans[0] == 6 and plans[-1] == epochs
+
+
+def test_cli_budget_minutes_become_the_runs_seconds(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(pretrain, "train", lambda cfg, data, run, explicit: seen.update(run=run))
+    argv = ["--out-dir", str(tmp_path), "--preset", "fmnist-cpu", "--budget-min", "1.5"]
+    assert pretrain.main(argv) == 0
+    assert seen["run"].budget_s == 90.0
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path):
