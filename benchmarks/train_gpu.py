@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from training import checkpoint as ckpt_io
 from training import pretrain as pretrain_mod
-from training.args import _field_type
+from training.args import field_type
 from training.augment import BatchAugment
 from training.config import NAMED, PretrainConfig, preset
 from training.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
@@ -83,7 +83,7 @@ def parse_override(text: str) -> tuple[str, object]:
     fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
     if not sep or name not in fields or name == "extra":
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a recipe field, got {text!r}")
-    kind, item = _field_type(str(fields[name].type))
+    kind, item = field_type(str(fields[name].type))
     if kind is bool:
         return name, value.strip().lower() in ("1", "true", "yes", "on")
     if kind == "tuple":

@@ -13,7 +13,9 @@ from .runtime import PRECISIONS
 _SKIP = {"extra"}
 
 
-def _field_type(annotation: str):
+def field_type(annotation: str):
+    """(type, item type) of a :class:`PretrainConfig` field's annotation: tuples as
+    ("tuple", float | int), bool/int/float/str as themselves (optional or not)."""
     base = annotation.replace(" | None", "")
     if base.startswith("tuple"):
         return "tuple", float if "float" in base else int
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind, item = _field_type(str(f.type))
+        kind, item = field_type(str(f.type))
         if kind is bool:
             recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif kind == "tuple":
