@@ -85,7 +85,10 @@ def parse_override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a recipe field, got {text!r}")
     kind, item = field_type(str(fields[name].type))
     if kind is bool:
-        return name, value.strip().lower() in ("1", "true", "yes", "on")
+        flag = {"true": True, "1": True, "false": False, "0": False}.get(value.strip().lower())
+        if flag is None:
+            raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
+        return name, flag
     if kind == "tuple":
         return name, tuple(item(v) for v in value.split(","))
     return name, kind(value)
