@@ -76,6 +76,9 @@ def recipe(version: str, batch: int, epochs: int, **overrides):
     )
 
 
+PLANNED = ("epochs", "batch_size", "knn_every")  # the script's own, not --set's
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``FIELD=VALUE`` of a :class:`PretrainConfig` field (tuples comma-separated)."""
     name, sep, value = text.partition("=")
@@ -83,6 +86,10 @@ def parse_override(text: str) -> tuple[str, object]:
     fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
     if not sep or name not in fields or name == "extra":
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with a recipe field, got {text!r}")
+    if name in PLANNED:
+        raise argparse.ArgumentTypeError(
+            f"{name} is set by the script (--batch-size; epochs and kNN from the budget)"
+        )
     kind, item = field_type(str(fields[name].type))
     if kind is bool:
         flag = {"true": True, "1": True, "false": False, "0": False}.get(value.strip().lower())
