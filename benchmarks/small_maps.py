@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from results import append_section
-from train_cpu import Plain
+from train_cpu import Plain, rate
 
 from mocoretrieval import backbones
 from training.runtime import resolve_precision, set_cpu_threads
@@ -66,10 +65,7 @@ def main() -> int:
                 for kind, forward in forwards.items():
                     backbones.Conv2d.forward = forward
                     plain.step()  # warm-up: oneDNN builds its kernels for the shapes it meets
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        plain.step()
-                    rates[kind].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+                    rates[kind].append(rate(plain, args.batch_size, args.steps))
             conv, matmul = (statistics.median(rates[k]) for k in forwards)
             rows.append((name, conv, matmul))
             print(f"{name}: conv {conv:.0f} img/s, matrix product {matmul:.0f} img/s", flush=True)
