@@ -44,7 +44,8 @@ class MoCoEncoder(
     Every constructor argument is JSON-able so that ``save_pretrained`` writes it to config.json.
 
     Args:
-        arch: ``resnet18``, ``resnet34``, ``resnet50``, ``vit_small`` or ``vit_base``.
+        arch: ``resnet10``, ``resnet18``, ``resnet34``, ``resnet50``, ``vit_small`` or
+            ``vit_base``.
         moco_version: ``v1``, ``v2`` or ``v3``: which recipe trained the weights.
         embedding: ``backbone`` (pooled features, the usual choice for retrieval) or
             ``projection`` (the contrastive head's output).

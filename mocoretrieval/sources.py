@@ -294,7 +294,7 @@ def _detect_arch(body: dict[str, torch.Tensor], origin: str) -> str:
     if "layer1.0.conv3.weight" in body:
         return "resnet50"
     blocks = len({k.split(".")[1] for k in body if k.startswith("layer3.")})
-    return "resnet34" if blocks == 6 else "resnet18"
+    return {1: "resnet10", 6: "resnet34"}.get(blocks, "resnet18")
 
 
 def _detect_head(head: dict[str, torch.Tensor]) -> dict[str, Any] | None:

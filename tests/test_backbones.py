@@ -15,7 +15,10 @@ from mocoretrieval.backbones import Conv2d, ResNetBackbone
 
 
 def torchvision_resnet(arch: str, small_stem: bool) -> torch.nn.Module:
-    net = getattr(torchvision.models, arch)(weights=None)
+    if arch == "resnet10":  # not among torchvision's named models: its ResNet with one block each
+        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        net = getattr(torchvision.models, arch)(weights=None)
     if small_stem:
         net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = torch.nn.Identity()
@@ -24,7 +27,8 @@ def torchvision_resnet(arch: str, small_stem: bool) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("arch", "small_stem"), [("resnet18", True), ("resnet34", False), ("resnet50", False)]
+    ("arch", "small_stem"),
+    [("resnet10", False), ("resnet18", True), ("resnet34", False), ("resnet50", False)],
 )
 def test_resnet_is_torchvisions_parameter_for_parameter(arch, small_stem):
     ours = ResNetBackbone(arch, small_stem=small_stem).net.eval()

@@ -19,7 +19,8 @@ from mocoretrieval import (
     SourceError,
     UnsafeCheckpointError,
 )
-from mocoretrieval.sources import OFFICIAL
+from mocoretrieval.backbones import ResNetBackbone
+from mocoretrieval.sources import OFFICIAL, _detect_arch
 
 # --- reference: the official builders, written out independently of mocoretrieval ---------
 
@@ -125,6 +126,13 @@ def test_official_checkpoint_matches_reference(tmp_path, version, arch, prefix):
         want = reference_embedding(ref, x, projection)
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet34"])
+def test_basic_block_resnets_are_told_apart_by_their_blocks(arch):
+    # Same layer names and widths; only the number of blocks per stage differs.
+    body = ResNetBackbone(arch).net.state_dict()
+    assert _detect_arch(body, "checkpoint") == arch
 
 
 def test_convert_then_save_pretrained_round_trip(tmp_path):

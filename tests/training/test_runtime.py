@@ -157,7 +157,7 @@ def test_knn_monitor_reports_random_init_and_pixels_then_every_n_epochs(tmp_path
 
 def test_named_preset_and_cli_defaults():
     cfg = named_preset("fmnist-cpu")
-    assert cfg.version == "v2" and cfg.arch == "resnet18" and not cfg.small_stem
+    assert cfg.version == "v2" and cfg.arch == "resnet10" and not cfg.small_stem
     assert cfg.queue_size < 60000  # a queue larger than the data set repeats its images
     args = build_parser().parse_args(["--out-dir", "x", "--preset", "fmnist-cpu", "--T", "0.3"])
     cfg, explicit = config_from_args(args, fashion_mnist=True)
