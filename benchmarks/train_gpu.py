@@ -1,5 +1,6 @@
-"""MoCo v2 then v3 pretraining on Fashion-MNIST (ResNet-18, small stem): throughput and kNN
-accuracy per epoch, against the plain forward/backward rate of the same backbone, in one run.
+"""MoCo v2 then v3 pretraining on Fashion-MNIST (ResNet-18, small stem; ``--set arch=`` for
+another backbone): throughput and kNN accuracy per epoch, against the plain forward/backward
+rate of the same backbone, in one run.
 
 Prepared for one GPU within a fixed wall-clock budget (default 8 minutes for everything),
 reading the Fashion-MNIST IDX files from a git-ignored folder carried to the machine:
@@ -68,12 +69,15 @@ def recipe(version: str, batch: int, epochs: int, **overrides):
     # the higher accuracy of the MoCo CIFAR demo's network.
     common = {"input_size": 32, "batch_size": batch, "epochs": epochs, "small_stem": True}
     common["knn_every"] = max(1, epochs // 5)
+    # ResNet-18, the network of the GPU runs so far, unless --set arch=... (the CPU preset's v2
+    # row trains a ResNet-10 with the standard stem).
+    overrides = {"arch": "resnet18", **overrides}
     if version == "v2":
         row = {k: v for k, v in NAMED["fmnist-cpu"]["v2"].items() if k not in common}
-        return preset("v2", "resnet18", **{**row, **common, **overrides})
-    return preset(
-        "v3", "resnet18", **{"warmup_epochs": max(0.5, epochs / 10), **common, **overrides}
-    )
+        fields = {**row, **common, **overrides}
+        return preset("v2", fields.pop("arch"), **fields)
+    fields = {"warmup_epochs": max(0.5, epochs / 10), **common, **overrides}
+    return preset("v3", fields.pop("arch"), **fields)
 
 
 PLANNED = ("epochs", "batch_size", "knn_every")  # the script's own, not --set's
@@ -106,12 +110,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_rate(batch: int, device: torch.device, seconds: float) -> float:
+def plain_rate(batch: int, device: torch.device, seconds: float, arch: str = "resnet18") -> float:
     """Images/s of forward + backward + SGD step of the same backbone and a linear classifier,
     bf16 autocast and channels_last on GPU, on random 32-px inputs."""
-    from mocoretrieval.backbones import build_backbone
+    from mocoretrieval.backbones import build_backbone, feature_dim
 
-    net = torch.nn.Sequential(build_backbone("resnet18", small_stem=True), torch.nn.Linear(512, 10))
+    net = torch.nn.Sequential(
+        build_backbone(arch, small_stem=True), torch.nn.Linear(feature_dim(arch), 10)
+    )
     net = net.to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -334,7 +340,8 @@ def table(result: dict) -> str:
             + "".join(f"; {k}={v}" for k, v in result.get("overrides", {}).items())
         ),
         (
-            f"plain forward/backward (ResNet-18 small stem, 32 px): {plain:,.0f} images/s; "
+            f"plain forward/backward ({result.get('overrides', {}).get('arch', 'resnet18')} "
+            f"small stem, 32 px): {plain:,.0f} images/s; "
             f"batched two-view augmentation alone: {result['augment_images_per_s']:,.0f} images/s"
         ),
         "",
@@ -407,7 +414,9 @@ def main() -> int:
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.set},
         "train_images": images.shape[0],
         "knn": f"bank {args.knn_bank or 60000} train / {args.knn_val or 10000} test queries",
-        "plain_fwd_bwd_images_per_s": plain_rate(args.batch_size, device, probe / 2),
+        "plain_fwd_bwd_images_per_s": plain_rate(
+            args.batch_size, device, probe / 2, recipe("v2", 256, 1, **dict(args.set)).arch
+        ),
         "augment_images_per_s": augment_rate(
             args.batch_size, device, images, probe / 4, dict(args.set)
         ),
