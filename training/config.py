@@ -288,14 +288,14 @@ NAMED: dict[str, dict[str, Any]] = {
     # Fashion-MNIST (60,000 images) on a 2-core CPU: `python -m training.pretrain --preset
     # fmnist-cpu --out-dir runs/fmnist-cpu` trains MoCo v2 in under 60 minutes (the learning
     # proof of benchmarks/RESULTS.md); `--version v1|v3 --epochs N` the others on a budget.
-    # `--budget-min 60` instead plans the epochs into the hour on whatever host runs it (48
-    # on an idle AMX Xeon: 0.8439, encoder exported after 59.1 minutes).
+    # `--budget-min 60` instead plans the epochs into the hour on whatever host runs it (90
+    # on an idle AMX Xeon: 0.8494, encoder exported after 59.6 minutes).
     "fmnist-cpu": {
         "version": "v2",
-        # A ResNet-18 with the standard stem at 32 px (4-16x cheaper than the small stem with
+        # A ResNet with the standard stem at 32 px (4-16x cheaper than the small stem with
         # plain convs, on AMX and AVX-512 CPUs), its 2x2 and 1x1 maps computed as matrix
-        # products (backbones.Conv2d): ~500 images/s of v2 training in bf16 on 2 cores
-        # (benchmarks/train_cpu.py, small_maps.py).
+        # products (backbones.Conv2d): a ResNet-18 trains v2 at ~500-900 images/s in bf16 on 2
+        # cores (benchmarks/train_cpu.py, small_maps.py).
         "all": {"arch": "resnet18", "input_size": 32, "small_stem": False, "batch_size": 256},
         # The small-image settings of [demo] (K=4096 for a 60k data set, m=0.99 and T=0.1 for
         # short runs, wd 5e-4) and cosine lr at 2x [v1]'s base lr, as the run is 10x shorter
@@ -305,8 +305,9 @@ NAMED: dict[str, dict[str, Any]] = {
         # of the whole cosine schedule ended at 0.7742 (T=0.1, no head BN), 0.7879 (T=0.2) and
         # 0.8005 (both); lr 0.12 (0.7536) and crops down to 8% without blur (0.7760) did not help.
         # ResNet-10 (one block per stage): the 6-epoch probe reached 0.8085 / 0.8145 after
-        # epochs 3 / 6 (ResNet-18: 0.7846 / 0.8005; random init 0.7810 against 0.7756), at
-        # ~1.6x the images/s; RESULTS.md "fmnist-cpu probe: ResNet-10".
+        # epochs 3 / 6 (ResNet-18: 0.7846 / 0.8005; random init 0.7810 against 0.7756) at
+        # ~1.6x the images/s (RESULTS.md "fmnist-cpu probes: training crops below 32 px, and
+        # ResNet-10"); `--budget-min 60`: 90 epochs, 0.8494 (ResNet-18: 48 epochs, 0.8439).
         "v2": {
             **_SHORT_RUN,
             "arch": "resnet10",
