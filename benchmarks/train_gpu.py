@@ -340,8 +340,7 @@ def table(result: dict) -> str:
             + "".join(f"; {k}={v}" for k, v in result.get("overrides", {}).items())
         ),
         (
-            f"plain forward/backward ({result.get('overrides', {}).get('arch', 'resnet18')} "
-            f"small stem, 32 px): {plain:,.0f} images/s; "
+            f"plain forward/backward ({result['arch']} small stem, 32 px): {plain:,.0f} images/s; "
             f"batched two-view augmentation alone: {result['augment_images_per_s']:,.0f} images/s"
         ),
         "",
@@ -404,8 +403,10 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="train_gpu-"))
     images, _ = fashion_mnist("train", args.data_root, limit=args.limit_train)
     probe = 20.0 if device.type == "cuda" else 5.0
+    arch = recipe("v2", args.batch_size, 1, **dict(args.set)).arch  # the runs' network
     result = {
         "command": "python " + shlex.join(sys.argv),
+        "arch": arch,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -414,9 +415,7 @@ def main() -> int:
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.set},
         "train_images": images.shape[0],
         "knn": f"bank {args.knn_bank or 60000} train / {args.knn_val or 10000} test queries",
-        "plain_fwd_bwd_images_per_s": plain_rate(
-            args.batch_size, device, probe / 2, recipe("v2", 256, 1, **dict(args.set)).arch
-        ),
+        "plain_fwd_bwd_images_per_s": plain_rate(args.batch_size, device, probe / 2, arch),
         "augment_images_per_s": augment_rate(
             args.batch_size, device, images, probe / 4, dict(args.set)
         ),
