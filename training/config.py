@@ -308,6 +308,7 @@ NAMED: dict[str, dict[str, Any]] = {
         # epochs 3 / 6 (ResNet-18: 0.7846 / 0.8005; random init 0.7810 against 0.7756) at
         # ~1.6x the images/s (RESULTS.md "fmnist-cpu probes: training crops below 32 px, and
         # ResNet-10"); `--budget-min 60`: 90 epochs, 0.8494 (ResNet-18: 48 epochs, 0.8439).
+        # Base lr 0.03 won the 6-epoch probe (0.8196) but not the hour (95 epochs, 0.8478).
         "v2": {
             **_SHORT_RUN,
             "arch": "resnet10",
