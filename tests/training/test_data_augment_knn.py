@@ -118,6 +118,40 @@ def test_a_gray_batch_is_augmented_as_one_channel_like_its_rgb_copy():
     torch.testing.assert_close(one, rgb, rtol=0, atol=1e-5)
 
 
+def test_solarize_inverts_the_bright_pixels_of_the_views_it_is_drawn_for():
+    """Solarize (``solarize_p`` per view) maps every pixel at or above half-intensity x to
+    1 - x and leaves the darker ones; with the crop, flip, jitter and blur off, a view drawn
+    for it is exactly that map of the image and the other view is the image itself. Breaking
+    it, tried: the threshold turned around (``x < 0.5``) and the view's probability read from
+    the other view (``solarize_p[1 - view]``) each fail here."""
+    cfg = preset(
+        "v2",
+        "resnet18",
+        input_size=28,
+        crop_min=1.0,
+        flip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=(0.0, 0.0),
+        solarize_p=(0.0, 1.0),
+    )
+    torch.manual_seed(0)
+    gray = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    x = gray.float() / 255.0
+    plain, solarized = (BatchAugment(cfg, v, (0.0,) * 3, (1.0,) * 3)(gray) for v in (0, 1))
+    torch.testing.assert_close(plain, x.expand(-1, 3, -1, -1), rtol=0, atol=1e-5)
+    want = torch.where(x >= 0.5, 1.0 - x, x).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(solarized, want, rtol=0, atol=1e-5)
+    assert (solarized <= 0.5 + 1e-6).all() and (x > 0.5).any()
+    cfg.solarize_p = (0.0, 0.5)
+    gray = torch.randint(0, 256, (400, 1, 28, 28), dtype=torch.uint8)
+    x = gray.float() / 255.0
+    views = BatchAugment(cfg, 1, (0.0,) * 3, (1.0,) * 3)(gray)[:, :1]
+    drawn = (views - torch.where(x >= 0.5, 1.0 - x, x)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert 150 < int(drawn.sum()) < 250  # about half the images, each whole or not at all
+    assert ((views - x).abs().amax(dim=(1, 2, 3)) < 1e-5).logical_xor(drawn).all()
+
+
 def _steps(tf) -> list[str]:
     """Names of a Compose's steps, looking inside RandomApply."""
     out = []
