@@ -62,9 +62,9 @@ from training.pretrain import RunOptions, train
 def recipe(version: str, batch: int, epochs: int, **overrides):
     """The recipe of ``version`` for 32-px Fashion-MNIST: the ``fmnist-cpu`` preset's row for
     that version (v2: K=4096, m=0.99, T=0.2, BN in the projection head, wd 5e-4, base lr 0.06,
-    crops of at least 40%, solarize at p=0.2 on both views; its CPU probes are in RESULTS.md)
-    with the small stem, which a GPU affords; v3 keeps its recipe with the warmup cut to a
-    tenth of the run, as in its 100-epoch ResNet setting.
+    crops of at least 40%, solarize at p=0.2 and brightness/contrast jitter of 0.8 on both
+    views; its CPU probes are in RESULTS.md) with the small stem, which a GPU affords; v3 keeps
+    its recipe with the warmup cut to a tenth of the run, as in its 100-epoch ResNet setting.
     ``overrides`` (``--set``) go on top of both."""
     # The small stem (3x3/1, no max-pool) at 32 px: 16x the compute of the standard stem, for
     # the higher accuracy of the MoCo CIFAR demo's network.
