@@ -138,16 +138,19 @@ def test_solarize_inverts_the_bright_pixels_of_the_views_it_is_drawn_for():
     torch.manual_seed(0)
     gray = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     x = gray.float() / 255.0
+
+    def solarize(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t >= 0.5, 1.0 - t, t)
+
     plain, solarized = (BatchAugment(cfg, v, (0.0,) * 3, (1.0,) * 3)(gray) for v in (0, 1))
     torch.testing.assert_close(plain, x.expand(-1, 3, -1, -1), rtol=0, atol=1e-5)
-    want = torch.where(x >= 0.5, 1.0 - x, x).expand(-1, 3, -1, -1)
-    torch.testing.assert_close(solarized, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(solarized, solarize(x).expand(-1, 3, -1, -1), rtol=0, atol=1e-5)
     assert (solarized <= 0.5 + 1e-6).all() and (x > 0.5).any()
     cfg.solarize_p = (0.0, 0.5)
     gray = torch.randint(0, 256, (400, 1, 28, 28), dtype=torch.uint8)
     x = gray.float() / 255.0
     views = BatchAugment(cfg, 1, (0.0,) * 3, (1.0,) * 3)(gray)[:, :1]
-    drawn = (views - torch.where(x >= 0.5, 1.0 - x, x)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    drawn = (views - solarize(x)).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert 150 < int(drawn.sum()) < 250  # about half the images, each whole or not at all
     assert ((views - x).abs().amax(dim=(1, 2, 3)) < 1e-5).logical_xor(drawn).all()
 
