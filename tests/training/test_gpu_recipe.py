@@ -31,9 +31,8 @@ def test_recipes_build_with_the_small_stem_resnet18(train_gpu, version):
 
 def test_v2_recipe_is_the_cpu_presets_row_but_for_the_network(train_gpu):
     cpu, gpu = named_preset("fmnist-cpu"), train_gpu.recipe("v2", 256, 10)
-    fields = ("T", "head_bn", "queue_size", "m", "weight_decay", "lr", "crop_min", "solarize_p")
-    fields += ("jitter", "jitter_p")
-    for name in fields:
+    fields = ("T", "head_bn", "queue_size", "m", "weight_decay", "lr", "crop_min")
+    for name in (*fields, "solarize_p", "jitter", "jitter_p"):
         assert getattr(gpu, name) == getattr(cpu, name), name
     assert gpu.arch == "resnet18"  # the GPU runs' network, whatever the CPU row trains
 
