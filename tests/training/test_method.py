@@ -37,7 +37,9 @@ def _tiny(version: str, **kw):
     with torch.no_grad():  # as after some training: the base encoder has left its momentum copy
         for p in model.base_encoder.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return model
+    # float64: the references below sum in another order than the model's kernels, and in float32
+    # that alone moved one gradient by 2e-5 on a CI host. In float64 a broken method still shows.
+    return model.double()
 
 
 def _project(encoder: MoCoEncoder, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,11 @@ def _reference(model: nn.Module) -> tuple[MoCoEncoder, MoCoEncoder]:
 
 def _views() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(N, 3, 8, 8, generator=g), torch.randn(N, 3, 8, 8, generator=g)
+    shape = (N, 3, 8, 8)
+    return (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )
 
 
 # --- MoCo v1/v2: momentum update, keys and queue ---------------------------------------------
